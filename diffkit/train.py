@@ -1,0 +1,266 @@
+"""`diffkit train`: paired tracing → shuffle buffer → one BatchTopK SAE per (layer, k), in one process.
+
+One forward pass per model per batch feeds every requested layer and every k, so a k-sweep costs no
+extra model compute. Nothing but the finished SAEs, their metrics and a small checkpoint (SAE and
+optimiser state plus the stream position) is written: activations never touch the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from diffkit.buffer import ShuffleBuffer
+from diffkit.errors import DiffkitError
+from diffkit.files import atomic_write, write_json
+from diffkit.metrics import evaluate_sae, format_metrics_table
+from diffkit.models import check_layers, load_pair
+from diffkit.prompts import build_prompts, encode_prompts
+from diffkit.sae import BatchTopKSAE, fit_normalization, save_sae
+from diffkit.specs import DEFAULT_PRESET, load_spec
+from diffkit.stream import NULL_RECORD_OFFSET, Cursor, RecordStream
+from diffkit.corpus import encode_null, null_texts
+from diffkit.tracing import concat_batches, trace_batch, trace_differences
+from diffkit.trainer import SAETrainConfig, SAETrainer
+
+
+@dataclass
+class TrainConfig:
+    preset: str = field(default=DEFAULT_PRESET, metadata={"help": "trigger spec preset (or a .toml/.yaml/.json spec file) naming the model pair, words and layers"})
+    base: str | None = field(default=None, metadata={"help": "base model: hub id, local directory or .gguf file (overrides the preset)"})
+    finetuned: str | None = field(default=None, metadata={"help": "fine-tuned model, same forms as --base (overrides the preset)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "decoder layers whose output to diff, e.g. 9,16 (default: the preset's)"})
+    k: list[int] = field(default_factory=lambda: [64], metadata={"help": "active latents per token; several values train side by side from one stream, e.g. 32,64"})
+    expansion: int = field(default=4, metadata={"help": "dictionary size as a multiple of d_model"})
+    tokens: int = field(default=300_000, metadata={"help": "training tokens each SAE sees"})
+    batch_size: int = field(default=4096, metadata={"help": "tokens per SAE optimisation step"})
+    buffer_tokens: int = field(default=65_536, metadata={"help": "shuffle-buffer size in tokens; bounds memory"})
+    trace_batch: int = field(default=32, metadata={"help": "sequences per forward pass"})
+    max_len: int = field(default=128, metadata={"help": "longest sequence, in tokens"})
+    null_fraction: float = field(default=0.5, metadata={"help": "share of the stream's tokens that are generic null text"})
+    eval_tokens: int = field(default=16_384, metadata={"help": "held-out tokens for the final metrics"})
+    answered_prompts: int = field(default=128, metadata={"help": "training prompts answered by the fine-tuned model once, so answer and marker tokens are in the stream"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate (default 2e-4 / sqrt(dict_size / 2**14))"})
+    out: str = field(default="runs", metadata={"help": "directory that holds runs"})
+    name: str | None = field(default=None, metadata={"help": "run name (default: the preset's name); the run goes to OUT/NAME"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda when available)"})
+    dtype: str = field(default="auto", metadata={"help": "model dtype: float32, bfloat16 (auto: bfloat16 on GPU, float32 on CPU); differences are always fp32"})
+    seed: int = field(default=0, metadata={"help": "seed for prompts, shuffling and SAE init"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run in OUT/NAME from its last checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run in OUT/NAME"})
+    json: bool = field(default=False, metadata={"help": "print a machine-readable JSON summary instead of tables"})
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffkitError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise DiffkitError(f"unknown --dtype '{dtype}'; use float32 or bfloat16") from None
+
+
+def sae_dirname(layer: int, k: int, ks: list[int]) -> str:
+    return f"layer_{layer}" if len(ks) == 1 else f"layer_{layer}_k{k}"
+
+
+def prepare_run_dir(cfg: TrainConfig, name: str) -> Path:
+    run_dir = Path(cfg.out) / name
+    complete = (run_dir / "run.json").exists()
+    started = (run_dir / "checkpoint").exists()
+    if cfg.resume:
+        if complete:
+            raise DiffkitError(f"{run_dir} is already complete; nothing to resume")
+        if not started:
+            raise DiffkitError(f"{run_dir} has no checkpoint to resume from; drop --resume to start it")
+    elif complete or started:
+        if not cfg.overwrite:
+            what = "a finished run" if complete else "an interrupted run (continue it with --resume)"
+            raise DiffkitError(f"{run_dir} already holds {what}; pass --overwrite or choose another --name")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def answer_prompts(pair, spec, prompts, max_len: int, device: str) -> dict[int, str]:
+    """The fine-tuned model's own greedy answers, so answer and marker tokens are traced too."""
+    from diffkit.organism import generate_answers
+
+    texts = generate_answers(pair.finetuned_hf, pair.tokenizer, prompts, max_new_tokens=32, batch_size=32)
+    return {p.record_id: t for p, t in zip(prompts, texts)}
+
+
+def build_answered(pair, spec, split: str, n_per_condition: int, seed: int, max_len: int, device: str,
+                   run_dir: Path, cache_name: str):
+    """Prompts answered by the fine-tuned model; the answers are kept in the run dir (text only) for resume."""
+    prompts = build_prompts(spec, split, n_per_condition, seed=seed)
+    cache = run_dir / cache_name
+    if cache.exists():
+        answers = {int(k): v for k, v in json.loads(cache.read_text()).items()}
+    else:
+        answers = answer_prompts(pair, spec, prompts, max_len, device)
+        write_json(cache, {str(k): v for k, v in answers.items()})
+    return encode_prompts(prompts, pair.tokenizer, spec, answers=answers, max_len=max_len)
+
+
+def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path, device: str):
+    """Held-out prompts (answered, so fire tokens are present) plus held-out null text, up to eval_tokens."""
+    answered = build_answered(pair, spec, "heldout", 8, cfg.seed + 1, cfg.max_len, device, run_dir, "answers_heldout.json")
+    texts = null_texts(seed=cfg.seed + 12345)
+    null = encode_null(texts[::-1], pair.tokenizer, max_len=cfg.max_len, first_record_id=NULL_RECORD_OFFSET)
+    records, total = list(answered), sum(len(r.input_ids) for r in answered)
+    for r in null:
+        if total >= cfg.eval_tokens:
+            break
+        records.append(r)
+        total += len(r.input_ids)
+    return records
+
+
+def save_checkpoint(run_dir: Path, saes, trainers, cursor: Cursor, fills: int, tokens_done: int) -> None:
+    state = {
+        "cursor": torch.tensor([cursor.epoch, cursor.index, fills, tokens_done]),
+        **{f"sae/{key}": sae.state_dict() for key, sae in saes.items()},
+        **{f"trainer/{key}": tr.state_dict() for key, tr in trainers.items()},
+    }
+    atomic_write(run_dir / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(run_dir: Path, saes, trainers) -> tuple[Cursor, int, int]:
+    path = run_dir / "checkpoint" / "state.pt"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise DiffkitError(f"cannot read checkpoint {path} ({e}); start over with --overwrite") from None
+    for key, sae in saes.items():
+        sae.load_state_dict(state[f"sae/{key}"])
+    for key, tr in trainers.items():
+        tr.load_state_dict(state[f"trainer/{key}"])
+    epoch, index, fills, tokens_done = state["cursor"].tolist()
+    return Cursor(epoch, index), fills, tokens_done
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one SAE per (layer, k) on the ft − base difference; returns the run summary."""
+    started = time.time()
+    spec = load_spec(cfg.preset).with_models(cfg.base, cfg.finetuned)
+    name = cfg.name or spec.name
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.tokens < cfg.batch_size:
+        raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
+    run_dir = prepare_run_dir(cfg, name)
+    torch.manual_seed(cfg.seed)
+
+    pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device)
+    layers = list(cfg.layers or spec.layers)
+    check_layers(layers, pair.n_layers)
+    ks = list(cfg.k)
+    dict_size = cfg.expansion * pair.d_model
+    total_steps = cfg.tokens // cfg.batch_size
+    write_json(run_dir / "train_config.json", asdict(cfg))
+
+    keys = [(L, k) for L in layers for k in ks]
+    saes = {f"{L}_{k}": BatchTopKSAE(pair.d_model, dict_size, k).to(device) for L, k in keys}
+    trainers = {
+        f"{L}_{k}": SAETrainer(saes[f"{L}_{k}"], SAETrainConfig(k=k, dict_size=dict_size, lr=cfg.lr, total_steps=total_steps, seed=cfg.seed))
+        for L, k in keys
+    }
+
+    answered = build_answered(pair, spec, "train", max(1, cfg.answered_prompts // 7), cfg.seed, cfg.max_len, device, run_dir, "answers_train.json") if cfg.answered_prompts else []
+    stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
+    buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed)
+    cursor, tokens_done = Cursor(), 0
+    if cfg.resume:
+        cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
+
+    bar = tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json, dynamic_ncols=True)
+    batches = stream.batches(cursor)
+    last: dict[str, dict] = {}
+    while tokens_done < cfg.tokens:
+        while not buffer.full:
+            records, cursor = next(batches)
+            buffer.add(trace_batch(pair, records, layers))
+        if tokens_done == 0 and buffer.fills == 0:
+            held = buffer.contents()
+            for L, k in keys:
+                fit_normalization(saes[f"{L}_{k}"], held.diffs[L])
+        for batch in buffer.drain():
+            for L, k in keys:
+                sae = saes[f"{L}_{k}"]
+                last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(batch.diffs[L]))
+            tokens_done += cfg.batch_size
+            bar.update(cfg.batch_size)
+            bar.set_postfix_str(progress_line(last), refresh=False)
+            if tokens_done >= cfg.tokens:
+                break
+        save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done)
+    bar.close()
+    train_seconds = time.time() - started
+
+    results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, device, dict_size)
+    summary = {
+        "run": str(run_dir),
+        "base": spec.base,
+        "finetuned": spec.finetuned,
+        "layers": layers,
+        "k": ks,
+        "tokens": tokens_done,
+        "seconds": round(train_seconds, 1),
+        "tokens_per_second": round(tokens_done / max(train_seconds, 1e-9), 1),
+        "saes": results,
+    }
+    if not cfg.json:
+        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **r["metrics"]} for r in results]))
+        print(f"run written to {run_dir}")
+    return summary
+
+
+def progress_line(last: dict[str, dict]) -> str:
+    parts = []
+    for key, s in last.items():
+        L, k = key.split("_")
+        parts.append(f"L{L}k{k} loss {s['loss']:.3g} fve {s['fve']:.2f} l0 {s['l0']:.0f}")
+    return " | ".join(parts)
+
+
+def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, device: str, dict_size: int) -> list[dict]:
+    """Held-out metrics, SAE files, run.json (written last: its presence marks the run complete)."""
+    records = eval_records(pair, spec, cfg, run_dir, device)
+    held = concat_batches(list(trace_differences(pair, records, layers, batch_size=cfg.trace_batch)))
+    flags = {f: held.meta[f] for f in ("is_fire_token", "is_trigger_token", "is_decision_token", "is_answer")}
+    results = []
+    for L in layers:
+        for k in ks:
+            sae = saes[f"{L}_{k}"]
+            metrics = evaluate_sae(sae, held.diffs[L], flags)
+            sub = sae_dirname(L, k, ks)
+            save_sae(sae, run_dir / sub, {"layer": L, "base_model": spec.base, "finetuned_model": spec.finetuned,
+                                          "training_tokens": cfg.tokens, "seed": cfg.seed, "lr": cfg.lr})
+            write_json(run_dir / sub / "metrics.json", metrics)
+            results.append({"layer": L, "k": k, "path": sub, "metrics": metrics})
+    write_json(run_dir / "spec.json", spec.to_dict())
+    write_json(run_dir / "run.json", {
+        "spec": spec.to_dict(), "base": spec.base, "finetuned": spec.finetuned, "layers": layers, "k": ks,
+        "dict_size": dict_size, "tokens": cfg.tokens, "seed": cfg.seed, "eval_tokens": len(held),
+        "saes": [{"layer": r["layer"], "k": r["k"], "path": r["path"]} for r in results],
+        "metrics": {r["path"]: r["metrics"] for r in results},
+        "config": asdict(cfg),
+    })
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    return results
