@@ -189,6 +189,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
 
+    loop_started, loop_tokens_start = time.time(), tokens_done
     bar = tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json, dynamic_ncols=True)
     batches = stream.batches(cursor)
     last: dict[str, dict] = {}
@@ -211,6 +212,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
         save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done)
     bar.close()
+    loop_seconds = time.time() - loop_started
     train_seconds = time.time() - started
 
     results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, device, dict_size)
@@ -223,6 +225,7 @@ def train(cfg: TrainConfig) -> dict:
         "tokens": tokens_done,
         "seconds": round(train_seconds, 1),
         "tokens_per_second": round(tokens_done / max(train_seconds, 1e-9), 1),
+        "loop_tokens_per_second": round((tokens_done - loop_tokens_start) / max(loop_seconds, 1e-9), 1),
         "saes": results,
     }
     if not cfg.json:
