@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import nnsight
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
 from diffkit.buffer import ShuffleBuffer
 from diffkit.prompts import Record
@@ -21,10 +23,16 @@ def tiny_gemma(seed: int) -> Gemma2ForCausalLM:
     return Gemma2ForCausalLM(cfg).eval()
 
 
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")),
+                                   pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
 @pytest.fixture(scope="module")
 def pair():
     base, ft = tiny_gemma(0), tiny_gemma(1)
-    tok = SimpleNamespace(pad_token_id=0)
+    tok = tiny_tokenizer()
     wrap = lambda m: nnsight.TransformersModel(m, tokenizer=tok, device=m.device)  # noqa: E731
     return SimpleNamespace(base_hf=base, finetuned_hf=ft, base=wrap(base), finetuned=wrap(ft), tokenizer=tok, n_layers=4, d_model=32)
 
@@ -58,9 +66,10 @@ def test_difference_drops_padding_and_bos_and_ignores_batch_mates(pair):
     torch.testing.assert_close(alone.diffs[3], batch.diffs[3][: len(alone)], atol=1e-5, rtol=1e-4)
     # and they really are ft − base at those tokens
     ids = torch.tensor([recs[0].input_ids])
-    hb = pair.base_hf(input_ids=ids, output_hidden_states=True).hidden_states[4][0, 1:]
-    hf = pair.finetuned_hf(input_ids=ids, output_hidden_states=True).hidden_states[4][0, 1:]
-    torch.testing.assert_close(alone.diffs[3], hf - hb, atol=1e-5, rtol=1e-4)
+    # (hidden_states[L + 1] is layer L's output, except the last entry, which is after the final norm)
+    hb = pair.base_hf(input_ids=ids, output_hidden_states=True).hidden_states[2][0, 1:]
+    hf = pair.finetuned_hf(input_ids=ids, output_hidden_states=True).hidden_states[2][0, 1:]
+    torch.testing.assert_close(alone.diffs[1], hf - hb, atol=1e-5, rtol=1e-4)
     assert batch.meta["is_decision_token"].sum() == 3
 
 
