@@ -27,7 +27,7 @@ from diffkit.models import load_pair
 from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream
 from diffkit.tracing import pad_records
-from diffkit.train import TrainConfig, resolve_device, resolve_dtype, train
+from diffkit.train import TrainConfig, pick_dtype, resolve_device, train
 
 
 class _Stop(Exception):
@@ -110,7 +110,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     spec = load_spec(args.preset)
-    pair = load_pair(spec.base, spec.finetuned, dtype=resolve_dtype(args.dtype, device), device=device)
+    pair = load_pair(spec.base, spec.finetuned, dtype=pick_dtype(args.dtype, device), device=device)
     stream = RecordStream(spec, pair.tokenizer, seed=0, max_len=128, null_fraction=0.5, answered=[], batch_size=args.trace_batch)
     print(f"# {args.preset}: layers {args.layers}, k {args.k}, {args.tokens} tokens, device {device}, "
           f"{torch.get_num_threads()} threads, repeats {args.repeats} (medians)")

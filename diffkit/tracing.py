@@ -14,6 +14,7 @@ from typing import Iterator
 import nnsight
 import torch
 
+from diffkit.models import layers_of
 from diffkit.prompts import CONDITIONS, Record
 
 CONDITION_CODES = {name: i for i, name in enumerate((*CONDITIONS, "null"))}
@@ -30,15 +31,10 @@ class TokenBatch:
         return len(self.meta["record_id"])
 
 
-def decoder_layers(model):
-    """The decoder-layer list of an nnsight-wrapped causal LM (Gemma, Llama, Qwen, ... all use model.model.layers)."""
-    return model.model.layers
-
-
 def trace_layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
     """Residual stream after each requested layer, in the order given; the forward stops after the deepest."""
     order = sorted(set(layers))
-    blocks = decoder_layers(model)
+    blocks = layers_of(model)
     with model.trace({"input_ids": input_ids, "attention_mask": attention_mask}, use_cache=False) as tracer:
         saved = nnsight.save([blocks[L].output for L in order])
         tracer.stop()

@@ -20,7 +20,7 @@ from diffkit.buffer import ShuffleBuffer
 from diffkit.errors import DiffkitError
 from diffkit.files import atomic_write, write_json
 from diffkit.metrics import evaluate_sae, format_metrics_table
-from diffkit.models import check_layers, load_pair
+from diffkit.models import check_layers, load_pair, resolve_dtype
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import BatchTopKSAE, fit_normalization, save_sae
 from diffkit.specs import DEFAULT_PRESET, load_spec
@@ -65,14 +65,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """bf16 on GPU (Gemma-2 misbehaves in fp16), fp32 on CPU unless asked otherwise."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise DiffkitError(f"unknown --dtype '{dtype}'; use float32 or bfloat16") from None
+    return resolve_dtype(dtype)
 
 
 def sae_dirname(layer: int, k: int, ks: list[int]) -> str:
@@ -161,7 +158,7 @@ def train(cfg: TrainConfig) -> dict:
     spec = load_spec(cfg.preset).with_models(cfg.base, cfg.finetuned)
     name = cfg.name or spec.name
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device)
     if cfg.tokens < cfg.batch_size:
         raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
     run_dir = prepare_run_dir(cfg, name)
