@@ -1,0 +1,40 @@
+"""Atomic file writes: a crash or a full disk never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> Path:
+    """Call `write_fn(tmp_path)` to write a temporary file beside `path`, then rename it into place.
+
+    The temporary file lives in the same directory so the final `os.replace` is a rename on one
+    filesystem (atomic on POSIX); it is removed if `write_fn` raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write_fn(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """Write `obj` as JSON atomically (sorted keys are not forced: insertion order is kept)."""
+    text = json.dumps(obj, indent=indent) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

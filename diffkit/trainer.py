@@ -1,0 +1,252 @@
+"""One BatchTopK SAE's optimisation: loss, hand-written sparse gradients, Adam, threshold, dead latents.
+
+The objective is dictionary_learning's BatchTopKTrainer (MSE + aux-k/32, decoder-parallel
+gradient removed, grad-norm clip 1, Adam, unit-norm decoder columns, EMA threshold), but the
+step never builds the dense B×F code matrix or runs autograd over it. Only about k of F latents
+fire per token, so after the one dense encoder product everything is computed on the selected
+(token, latent) pairs:
+
+    decode             x̂_r  = b_dec + Σ_c v_rc W_dec[:, c]            embedding_bag over each token's latents
+    code gradient      ∂v_rc = g_r · W_dec[:, c]                     sampled matrix product at the selected pairs
+    weight gradients   ∂W_dec[:, c] = Σ_r v_rc g_r,  ∂W_enc[c] = Σ_r ∂a_rc (x_r − b_dec)
+                                                                     embedding_bag over each latent's tokens
+
+with g = ∂loss/∂x̂. The aux-k term only touches dead latents and is done densely on that
+(small) column block. Nothing in `step` reads the SAE for evaluation, and evaluation
+(diffkit.metrics) never calls `step`, so measuring a model cannot move its threshold or its
+dead-latent counters.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from diffkit.errors import DiffkitError
+from diffkit.sae import BatchTopKSAE, batch_topk_indices
+
+
+@dataclass
+class SAETrainConfig:
+    k: int = 64
+    expansion: int = 4                    # dict_size = expansion * activation_dim unless dict_size is set
+    dict_size: int | None = None
+    lr: float | None = None               # None: 2e-4 / sqrt(dict_size / 2**14)
+    steps: int | None = None              # total steps; needed only for a linear decay
+    warmup_steps: int = 1000
+    decay_start: int | None = None        # None: constant learning rate after warm-up
+    auxk_alpha: float = 1 / 32
+    dead_tokens: int = 10_000_000         # a latent silent for this many tokens is dead (aux-k revives it)
+    threshold_start_step: int = 1000
+    threshold_beta: float = 0.999
+    seed: int = 0
+
+    def resolved_dict_size(self, activation_dim: int) -> int:
+        return self.dict_size if self.dict_size is not None else self.expansion * activation_dim
+
+    def resolved_lr(self, dict_size: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(dict_size / 2**14)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up from 0, then constant, or a linear decay to 0 from `decay_start` to `steps`."""
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        if self.decay_start is not None and step >= self.decay_start:
+            return max(0.0, (self.steps - step) / (self.steps - self.decay_start))
+        return 1.0
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise DiffkitError(f"k must be positive, got {self.k}")
+        if self.decay_start is not None:
+            if self.steps is None:
+                raise DiffkitError("decay_start needs steps (the step the learning rate reaches 0)")
+            if not self.warmup_steps <= self.decay_start < self.steps:
+                raise DiffkitError(
+                    f"need warmup_steps <= decay_start < steps, got {self.warmup_steps}, {self.decay_start}, {self.steps}"
+                )
+
+
+class SAETrainer:
+    """Trains one BatchTopK SAE on normalised vectors: `metrics = trainer.step(sae.normalize(x_raw))`."""
+
+    def __init__(
+        self,
+        activation_dim: int,
+        config: SAETrainConfig,
+        device: str | torch.device = "cpu",
+        sae: BatchTopKSAE | None = None,
+    ):
+        config.validate()
+        self.config = config
+        dict_size = config.resolved_dict_size(activation_dim)
+        if sae is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                sae = BatchTopKSAE(activation_dim, dict_size, config.k)
+        if (sae.activation_dim, sae.dict_size, int(sae.k)) != (activation_dim, dict_size, config.k):
+            raise DiffkitError("the SAE given to SAETrainer does not match its config")
+        self.sae = sae.to(device)
+        self.base_lr = config.resolved_lr(dict_size)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
+        self.step_count = 0
+        self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.sae.b_dec.device)
+        self.k_aux = activation_dim // 2
+
+    @property
+    def n_dead(self) -> int:
+        return int((self.tokens_since_fired >= self.config.dead_tokens).sum())
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on a batch `[B, D]` of normalised vectors; returns the batch's
+        loss, mse (per token, summed over D), auxk, fve and l0."""
+        sae, cfg = self.sae, self.config
+        x = x.to(device=sae.b_dec.device, dtype=torch.float32)
+        if self.step_count == 0:
+            sae.b_dec.copy_(geometric_median(x))
+        W_enc, b_enc = sae.encoder.weight, sae.encoder.bias
+        W_dec, b_dec = sae.decoder.weight, sae.b_dec
+        n_tokens, n_latents = x.shape[0], sae.dict_size
+
+        # Encode: the only dense B×F product of the step, then the batch top-k on it.
+        x_centred = x - b_dec
+        pre = torch.addmm(b_enc, x_centred, W_enc.T)
+        flat_idx = batch_topk_indices(pre, int(sae.k) * n_tokens)  # ascending: grouped by token
+        rows, cols = flat_idx // n_latents, flat_idx % n_latents
+        pre_sel = pre.view(-1)[flat_idx]
+        v = pre_sel.clamp_min(0)
+
+        # Decode as a weighted bag of decoder rows per token.
+        W_dec_rows = W_dec.T.contiguous()  # [F, D]
+        token_offsets = _offsets(rows, n_tokens)
+        x_hat = F.embedding_bag(cols, W_dec_rows, token_offsets, mode="sum", per_sample_weights=v) + b_dec
+        err = x - x_hat
+        mse = err.pow(2).sum(1).mean()
+
+        # Dead-latent bookkeeping (before aux-k, as in the reference trainer).
+        fired = torch.zeros(n_latents, device=x.device).index_add_(0, cols, (v > 0).float()) > 0
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired.masked_fill_(fired, 0)
+        if self.step_count > cfg.threshold_start_step:
+            self._update_threshold(v)
+
+        # Gradients of the MSE term on the selected pairs.
+        g = err * (-2.0 / n_tokens)                           # ∂mse/∂x̂
+        d_v = _sampled_dot(g, W_dec, rows, cols, token_offsets, n_tokens, n_latents)
+        d_pre = d_v * (pre_sel > 0)
+        order = torch.argsort(cols, stable=True)              # regroup the pairs by latent
+        latent_offsets = _offsets(cols[order], n_latents)
+        rows_by_latent = rows[order]
+        grad_W_dec_rows = F.embedding_bag(rows_by_latent, g, latent_offsets, mode="sum", per_sample_weights=v[order])
+        grad_W_enc = F.embedding_bag(rows_by_latent, x_centred, latent_offsets, mode="sum", per_sample_weights=d_pre[order])
+        grad_b_enc = torch.zeros_like(b_enc).index_add_(0, cols, d_pre)
+        grad_W_dec = grad_W_dec_rows.T.contiguous()
+
+        auxk = self._auxk(err, pre, x_centred, W_dec, grad_W_dec, grad_W_enc, grad_b_enc)
+        grad_b_dec = g.sum(0) - grad_b_enc @ W_enc
+
+        # Constrained Adam step: no gradient along decoder columns, clipped norm, unit columns after.
+        unit_cols = W_dec / (W_dec.norm(dim=0, keepdim=True) + 1e-6)
+        grad_W_dec -= (grad_W_dec * unit_cols).sum(0, keepdim=True) * unit_cols
+        for param, grad in ((W_enc, grad_W_enc), (b_enc, grad_b_enc), (W_dec, grad_W_dec), (b_dec, grad_b_dec)):
+            param.grad = grad
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * cfg.lr_factor(self.step_count)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        W_dec /= W_dec.norm(dim=0, keepdim=True) + torch.finfo(W_dec.dtype).eps
+        self.step_count += 1
+
+        total_var = (x - x.mean(0)).pow(2).sum()
+        fve = 1 - (err - err.mean(0)).pow(2).sum() / total_var
+        l0 = (v > 0).sum() / n_tokens
+        loss = mse + cfg.auxk_alpha * auxk
+        values = torch.stack([loss, mse, auxk, fve, l0.float()]).tolist()
+        return dict(zip(("loss", "mse", "auxk", "fve", "l0"), values))
+
+    def _update_threshold(self, v: torch.Tensor) -> None:
+        """EMA of the smallest positive code of the batch: the per-token cut used at inference."""
+        smallest = torch.where(v > 0, v, torch.inf).min()
+        smallest = torch.where(torch.isinf(smallest), torch.zeros_like(smallest), smallest)
+        thr = self.sae.threshold
+        beta = self.config.threshold_beta
+        thr.copy_(torch.where(thr < 0, smallest, beta * thr + (1 - beta) * smallest))
+
+    def _auxk(self, err, pre, x_centred, W_dec, grad_W_dec, grad_W_enc, grad_b_enc) -> torch.Tensor:
+        """Aux-k: reconstruct the (detached) residual from the top `D/2` dead latents of each token,
+        normalised by the residual's variance; adds its gradients in place. Returns the loss term."""
+        dead = (self.tokens_since_fired >= self.config.dead_tokens).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return torch.zeros((), device=err.device)
+        alpha = self.config.auxk_alpha
+        k_aux = min(self.k_aux, dead.numel())
+        n_tokens = err.shape[0]
+        dead_acts = pre[:, dead].clamp_min(0)
+        top = dead_acts.topk(k_aux, dim=1, sorted=False)
+        codes = torch.zeros_like(dead_acts).scatter_(1, top.indices, top.values)
+        W_dead = W_dec[:, dead]
+        residual = err - codes @ W_dead.T
+        denom = (err - err.mean(0)).pow(2).sum(1).mean()
+        auxk = residual.pow(2).sum(1).mean() / denom
+        if not torch.isfinite(auxk):
+            return torch.zeros((), device=err.device)
+        h = residual * (-2.0 * alpha / (n_tokens * denom))    # ∂(α·auxk)/∂(aux reconstruction)
+        grad_W_dec[:, dead] += h.T @ codes
+        d_pre = (h @ W_dead) * (codes > 0)
+        grad_W_enc[dead] += d_pre.T @ x_centred
+        grad_b_enc[dead] += d_pre.sum(0)
+        return auxk
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit (the SAE includes its threshold)."""
+        return {
+            "config": asdict(self.config),
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+
+
+def _offsets(sorted_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Start of each group in an ascending id vector (the `offsets` of embedding_bag)."""
+    counts = torch.bincount(sorted_ids, minlength=n_groups)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _sampled_dot(g, W_dec, rows, cols, token_offsets, n_tokens, n_latents) -> torch.Tensor:
+    """`(g @ W_dec)[rows, cols]` without forming the B×F product."""
+    crow = torch.cat([token_offsets, token_offsets.new_tensor([rows.numel()])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR is marked beta
+        pattern = torch.sparse_csr_tensor(
+            crow, cols, g.new_ones(cols.numel()), (n_tokens, n_latents), check_invariants=False
+        )
+        return torch.sparse.sampled_addmm(pattern, g, W_dec, beta=0.0).values()
+
+
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's iteration: the point minimising the summed distance to `points` [N, D]."""
+    guess = points.mean(0)
+    for _ in range(max_iter):
+        dist = (points - guess).norm(dim=1).clamp_min(1e-12)
+        weights = 1 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - guess).norm() < tol:
+            return new
+        guess = new
+    return guess
