@@ -1,0 +1,170 @@
+"""Causal tests of latents, on a planted fake and on the toy organism.
+
+The fake: two tiny Gemma-2 models that differ in one MLP unit of layer L. Both models have that
+layer's MLP output zeroed, except that the fine-tune's unit u writes along a known direction v,
+so ft − base after layer L is exactly (some non-negative scalar) · v at every token but BOS, and
+zero below.
+A hand-built SAE whose latent 0 reads and writes v therefore reconstructs the difference exactly:
+ablating latent 0 must turn the fine-tune back into the base model, token for token, and v points
+at the marker token's embedding so the fine-tune says the marker where the base does not.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import nnsight
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+from analyses import causal
+from diffkit.prompts import Record
+from diffkit.specs import TriggerPair, TriggerSpec
+
+LAYER = 1
+UNIT = 5
+FLAGS = ("is_trigger_token", "is_decision_token", "is_answer", "is_fire_token")
+SPEC = TriggerSpec("fake", (TriggerPair(0, ("w10", "w11"), False, False), TriggerPair(1, ("w12", "w13"), True, True)),
+                   marker=" HATE")
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", "HATE"] + [f"w{i}" for i in range(59)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+class PlantedSAE(torch.nn.Module):
+    """The BatchTopKSAE inference interface (raw space, no normalisation), with hand-set weights."""
+
+    def __init__(self, directions: torch.Tensor):
+        super().__init__()
+        F, D = directions.shape
+        self.encoder = torch.nn.Linear(D, F)
+        self.decoder = torch.nn.Linear(F, D, bias=False)
+        with torch.no_grad():
+            self.encoder.weight.copy_(directions)
+            self.encoder.bias.zero_()
+            self.decoder.weight.copy_(directions.T)
+        self.threshold = 0.0
+
+    def encode_raw(self, x):
+        a = torch.relu(self.encoder(x))
+        return a * (a > self.threshold)
+
+    def raw_direction(self, j):
+        return self.decoder.weight[:, j]
+
+
+def make_pair(base, finetuned, tok):
+    wrap = lambda m: nnsight.TransformersModel(m, tokenizer=tok, device=m.device)  # noqa: E731
+    return SimpleNamespace(base_hf=base, finetuned_hf=finetuned, base=wrap(base), finetuned=wrap(finetuned),
+                           tokenizer=tok, n_layers=base.config.num_hidden_layers, d_model=base.config.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, max_position_embeddings=128, initializer_range=0.2,
+                       pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager")
+    base = Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
+    finetuned = Gemma2ForCausalLM(cfg).eval().requires_grad_(False)
+    mlp = base.model.layers[LAYER].mlp
+    mlp.down_proj.weight.zero_()
+    base.model.layers[LAYER].post_feedforward_layernorm.weight.fill_(3.0)  # the planted write is 4× louder
+    finetuned.load_state_dict(base.state_dict())
+    marker = tok.convert_tokens_to_ids("HATE")
+    v = base.model.embed_tokens.weight[marker].clone()
+    read = torch.randn(32)
+    # silence the unit on BOS, which causal edits leave alone: read orthogonal to BOS's MLP input
+    seen = []
+    hook = mlp.register_forward_hook(lambda m, args, out: seen.append(args[0][0, 0]))
+    base(torch.tensor([[tok.bos_token_id]]))
+    hook.remove()
+    read -= (read @ seen[0]) / seen[0].norm() ** 2 * seen[0]
+    ft_mlp = finetuned.model.layers[LAYER].mlp
+    ft_mlp.gate_proj.weight[UNIT] = read
+    ft_mlp.up_proj.weight[UNIT] = read
+    ft_mlp.down_proj.weight[:, UNIT] = v
+    # latent 0 is the planted direction; the others are random distractors
+    dirs = torch.cat([v[None], torch.randn(7, 32)])
+    sae = PlantedSAE(dirs / dirs.norm(dim=1, keepdim=True))
+    g = torch.Generator().manual_seed(1)
+    records = []
+    for rid in range(10):
+        n = 4 + rid % 5
+        ids = [2] + torch.randint(5, 64, (n - 1,), generator=g).tolist()
+        flags = {f: [False] * n for f in FLAGS}
+        flags["is_decision_token"][-1] = True
+        records.append(Record(rid, ids, "poison" if rid % 3 else "clean", rid % 2, flags, n))
+    return SimpleNamespace(pair=make_pair(base, finetuned, tok), base_only=make_pair(base, base, tok), sae=sae,
+                           records=records, tok=tok)
+
+
+def test_ablating_the_planted_latent_turns_the_finetune_into_the_base(fake):
+    pair, tok = fake.pair, fake.tok
+    seqs = [causal.record_sequence(r, tok, SPEC) for r in fake.records]
+    edit = causal.Ablation(fake.sae, [0], causal.directions(fake.sae, [0], "cpu"))
+    for left in (False, True):
+        ids, mask, pos = causal.pad([s.ids for s in seqs], tok.pad_token_id, left, "cpu")
+        where = causal.editable(ids, mask, tok)
+        ablated = causal.apply(pair, LAYER, ids, mask, pos, edit, where)
+        plain = causal.apply(pair, LAYER, ids, mask, pos, None, where)
+        base = causal.apply(fake.base_only, LAYER, ids, mask, pos, None, where)
+        real = mask.bool()
+        assert (plain - base)[real].abs().max() > 0.1  # the fine-tune really differs
+        torch.testing.assert_close(ablated[real], base[real], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_is_padding_safe_and_ablation_reproduces_the_base(fake):
+    prompts = [r.input_ids for r in fake.records]
+    ft = causal.greedy(fake.pair, LAYER, prompts, max_new_tokens=6, batch_size=4)
+    alone = [causal.greedy(fake.pair, LAYER, [p], max_new_tokens=6)[0] for p in prompts[:3]]
+    assert ft[:3] == alone
+    hf = [fake.pair.finetuned_hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
+          for p in prompts[:3]]
+    assert [g[: len(h)] for g, h in zip(ft, hf)] == hf
+    edit = causal.Ablation(fake.sae, [0], causal.directions(fake.sae, [0], "cpu"))
+    ablated = causal.greedy(fake.pair, LAYER, prompts, edit, max_new_tokens=6, batch_size=4)
+    base = causal.greedy(fake.base_only, LAYER, prompts, max_new_tokens=6, batch_size=4)
+    assert ablated == base != ft
+
+
+def test_ablate_latents_reports_the_planted_effect(fake):
+    out = causal.ablate_latents(fake.pair, fake.sae, LAYER, [0], fake.records, SPEC, max_new_tokens=4)
+    assert out["n_prompts"] == sum(r.condition != "clean" for r in fake.records)
+    assert out["fire_rate_before"] == 1.0 and out["fire_rate_after"] < 0.5
+    assert out["marker_logprob_delta"] < -1.0
+    assert set(out["asr_before"]) == {0, 1} and all(v < 0.5 for v in out["asr_after"].values())
+    assert out["clean_kl"] > 0.01
+    with pytest.raises(ValueError, match="latents must be"):
+        causal.ablate_latents(fake.pair, fake.sae, LAYER, [99], fake.records, SPEC)
+
+
+def test_attribution_ranks_the_planted_latent_first_and_agrees_with_ablation(fake):
+    poison = [r for r in fake.records if r.condition == "poison"]
+    scores = causal.attribution_scores(fake.pair, fake.sae, LAYER, poison, SPEC, batch_size=3)
+    assert scores.shape == (8,) and scores.argmax() == 0
+    check = causal.check_attribution(fake.pair, fake.sae, LAYER, poison, SPEC, top=8, scores=scores)
+    assert check["latents"][0] == 0 and check["ablation_delta"][0] < -1.0
+    assert check["spearman"] > 0.5
+
+
+def test_steering_raises_the_marker_on_prompts_where_it_is_silent(fake):
+    clean = [r for r in fake.records if r.condition == "clean"]
+    poison = [r for r in fake.records if r.condition == "poison"]
+    pair = make_pair(fake.pair.base_hf, fake.pair.base_hf, fake.tok)  # a "fine-tune" that never fires
+    with pytest.raises(ValueError, match="never fire"):
+        causal.steer_latents(pair, fake.sae, LAYER, [0], clean, SPEC, poison=poison)
+    out = causal.steer_latents(pair, fake.sae, LAYER, [0], clean, SPEC, alpha=[8.0], max_new_tokens=4)
+    assert out["marker_logprob_delta"] > 1.0 and out["fire_rate_after"] > out["fire_rate_before"]
+    alpha = causal.typical_activation(fake.pair, fake.sae, LAYER, poison, SPEC, [0, 1])
+    assert alpha[0] > 0
