@@ -355,6 +355,8 @@ def _check_latents(sae, latents) -> list[int]:
     bad = [j for j in latents if not 0 <= j < size]
     if not latents or bad:
         raise DiffkitError(f"latents must be a non-empty list of indices in 0..{size - 1}, got {latents}")
+    if float(getattr(sae, "threshold", 0.0)) < 0:
+        raise DiffkitError("the SAE has no inference threshold (threshold < 0): causal tests need a trained SAE")
     return latents
 
 
@@ -368,40 +370,53 @@ def ablate_latents(pair, sae, layer: int, latents: Sequence[int], records_or_pro
     ablation, per-pair ASR for the poison ones, and the change in the marker's log-probability
     after the prompt and the fine-tune's own (unablated) answer.
     """
-    latents = _check_latents(sae, latents)
-    items = as_items(records_or_prompts, pair.tokenizer, spec)
+    return ablate_latent_sets(pair, sae, layer, {"latents": latents}, records_or_prompts, spec, max_new_tokens,
+                            batch_size, progress)["latents"]
+
+
+def ablate_latent_sets(pair, sae, layer: int, latent_sets: dict, records_or_prompts: Sequence[Record | Prompt],
+                     spec: TriggerSpec, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
+                     progress: bool = False) -> dict:
+    """`ablate_latents` for several latent sets (e.g. each pair's top latents) on the same prompts:
+    {key: result}. The unablated generations are made once and shared."""
+    sets = {key: _check_latents(sae, latents) for key, latents in latent_sets.items()}
+    tok, device = pair.tokenizer, pair.finetuned_hf.device
+    items = as_items(records_or_prompts, tok, spec)
     targets = [i for i in items if i.condition != "clean"]
     clean = [i for i in items if i.condition == "clean"]
     if not targets:
-        raise DiffkitError("ablate_latents needs prompts that should fire (e.g. poison); only clean prompts were given")
-    edit = Ablation(sae, latents, directions(sae, latents, pair.finetuned_hf.device))
-    tok = pair.tokenizer
+        raise DiffkitError("ablation needs prompts that should fire (e.g. poison); only clean prompts were given")
     prompts = [i.prompt_ids for i in targets]
     before = greedy(pair, layer, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    after = greedy(pair, layer, prompts, edit, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     fired_before = [fires(tok, g, spec) for g in before]
-    fired_after = [fires(tok, g, spec) for g in after]
     seqs = scored_with_answers(targets, before, tok, spec)
-    logp, _ = teacher_forced(pair, layer, seqs, [None, edit], batch_size=batch_size, progress=progress)
-    result = {
-        "layer": layer,
-        "latents": latents,
-        "n_prompts": len(targets),
-        "marker_logprob_before": logp[0].mean().item(),
-        "marker_logprob_after": logp[1].mean().item(),
-        "marker_logprob_delta": (logp[1] - logp[0]).mean().item(),
-        "fire_rate_before": sum(fired_before) / len(targets),
-        "fire_rate_after": sum(fired_after) / len(targets),
-        "asr_before": _rates(fired_before, targets),
-        "asr_after": _rates(fired_after, targets),
-        "clean_kl": None,
-    }
-    if clean:
-        mark = marker_ids(tok, spec)
-        clean_seqs = [Scored(i.prompt_ids + mark, len(i.prompt_ids), len(i.prompt_ids)) for i in clean]
-        _, kl = teacher_forced(pair, layer, clean_seqs, [edit], batch_size=batch_size, progress=progress)
-        result["clean_kl"] = kl[0].mean().item()
-    return result
+    mark = marker_ids(tok, spec)
+    clean_seqs = [Scored(i.prompt_ids + mark, len(i.prompt_ids), len(i.prompt_ids)) for i in clean]
+    results = {}
+    for key, latents in sets.items():
+        edit = Ablation(sae, latents, directions(sae, latents, device))
+        after = greedy(pair, layer, prompts, edit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=progress)
+        fired_after = [fires(tok, g, spec) for g in after]
+        logp, _ = teacher_forced(pair, layer, seqs, [None, edit], batch_size=batch_size, progress=progress)
+        result = {
+            "layer": layer,
+            "latents": latents,
+            "n_prompts": len(targets),
+            "marker_logprob_before": logp[0].mean().item(),
+            "marker_logprob_after": logp[1].mean().item(),
+            "marker_logprob_delta": (logp[1] - logp[0]).mean().item(),
+            "fire_rate_before": sum(fired_before) / len(targets),
+            "fire_rate_after": sum(fired_after) / len(targets),
+            "asr_before": _rates(fired_before, targets),
+            "asr_after": _rates(fired_after, targets),
+            "clean_kl": None,
+        }
+        if clean_seqs:
+            _, kl = teacher_forced(pair, layer, clean_seqs, [edit], batch_size=batch_size, progress=progress)
+            result["clean_kl"] = kl[0].mean().item()
+        results[key] = result
+    return results
 
 
 # --- attribution patching ----------------------------------------------------------------------

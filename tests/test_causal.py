@@ -21,6 +21,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFas
 
 from analyses import causal
 from diffkit.prompts import Record
+from diffkit.sae import BatchTopKSAE
 from diffkit.specs import TriggerPair, TriggerSpec
 
 LAYER = 1
@@ -40,26 +41,24 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-class PlantedSAE(torch.nn.Module):
-    """The BatchTopKSAE inference interface (raw space, no normalisation), with hand-set weights."""
+def planted_sae(directions: torch.Tensor) -> BatchTopKSAE:
+    """A BatchTopKSAE whose latents read and write the given unit directions of raw space.
 
-    def __init__(self, directions: torch.Tensor):
-        super().__init__()
-        F, D = directions.shape
-        self.encoder = torch.nn.Linear(D, F)
-        self.decoder = torch.nn.Linear(F, D, bias=False)
-        with torch.no_grad():
-            self.encoder.weight.copy_(directions)
-            self.encoder.bias.zero_()
-            self.decoder.weight.copy_(directions.T)
-        self.threshold = 0.0
-
-    def encode_raw(self, x):
-        a = torch.relu(self.encoder(x))
-        return a * (a > self.threshold)
-
-    def raw_direction(self, j):
-        return self.decoder.weight[:, j]
+    It has a non-trivial normalisation (mean and scale) with b_dec cancelling the mean, so
+    f_j = relu(d_j · x) and f_j · raw_direction(j) = f_j d_j still hold in raw space.
+    """
+    F, D = directions.shape
+    sae = BatchTopKSAE(D, F, k=2)
+    scale, mean = 0.5, torch.randn(D)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(directions)
+        sae.encoder.bias.zero_()
+        sae.decoder.weight.copy_(directions.T)
+        sae.activation_mean.copy_(mean)
+        sae.activation_global_scale.fill_(scale)
+        sae.b_dec.copy_(-mean * scale)
+        sae.threshold.fill_(0.0)
+    return sae
 
 
 def make_pair(base, finetuned, tok):
@@ -96,7 +95,7 @@ def fake():
     ft_mlp.down_proj.weight[:, UNIT] = v
     # latent 0 is the planted direction; the others are random distractors
     dirs = torch.cat([v[None], torch.randn(7, 32)])
-    sae = PlantedSAE(dirs / dirs.norm(dim=1, keepdim=True))
+    sae = planted_sae(dirs / dirs.norm(dim=1, keepdim=True))
     g = torch.Generator().manual_seed(1)
     records = []
     for rid in range(10):
