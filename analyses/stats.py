@@ -262,6 +262,7 @@ def load_activations(run_dir: str | Path, layers: list[int] | None = None, colle
         records, sequences = heldout_records(run.spec, pair.tokenizer, collection.n_per_condition,
                                              collection.n_null, collection.seed, collection.max_len)
         acts, tokens = collect_layers(pair, saes, records, batch_size, progress)
+        tokens["token"] = token_strings(pair.tokenizer, tokens["token_id"].to_numpy())
         cache.mkdir(parents=True, exist_ok=True)
         save_frame(tokens, cache / "tokens.parquet")
         save_frame(sequences, cache / "sequences.parquet")
@@ -277,6 +278,12 @@ def load_activations(run_dir: str | Path, layers: list[int] | None = None, colle
     sequences = pd.read_parquet(cache / "sequences.parquet")
     sequences["words"] = sequences["words"].map(lambda s: tuple(w for w in s.split(",") if w))
     return {L: Activations(L, result[L], tokens, sequences) for L in layers}
+
+
+def token_strings(tokenizer, token_ids: np.ndarray) -> list[str]:
+    """Each token id decoded on its own (once per distinct id), for labels and highlights."""
+    text = {int(t): tokenizer.decode([int(t)]) for t in np.unique(token_ids)}
+    return [text[int(t)] for t in token_ids]
 
 
 def load_run_pair(run, device: str = "cpu"):

@@ -1,0 +1,139 @@
+"""`diffkit attribute --pair border/china`: the latents that detect one trigger pair, ranked and tested.
+
+For each layer of the run: rank every latent for the pair (specificity, AUROC against all controls
+and per control group; see analyses.ranking), take the top N, name the tokens they fire on, and
+ablate the leading candidates in the fine-tuned model (analyses.causal) to see how much of the
+backdoor each carries. The table goes to runs/NAME/analyses/<pair>/attribute.csv beside its figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analyses.ranking import rank_latents
+from analyses.stats import Activations, Collection, load_activations, load_run_pair, save_frame
+from diffkit.errors import DiffkitError
+from diffkit.files import write_json
+from diffkit.run import default_run_dir, load_run
+
+TABLE_COLUMNS = ["layer", "rank", "latent", "specificity", "auroc", "worst_group", "matched_mean", "matched_freq",
+                 "control_mean", "ablation_effect", "top_tokens"]
+
+
+@dataclass
+class AttributeConfig:
+    pair: str | None = field(default=None, metadata={"help": "trigger pair: 'border/china', 'china/border' or its id"})
+    run: str = field(default=str(default_run_dir()), metadata={"help": "trained run directory"})
+    layer: int | None = field(default=None, metadata={"help": "one layer (default: every layer of the run)"})
+    k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
+    top: int = field(default=10, metadata={"help": "latents in the table, per layer"})
+    ablate: int = field(default=5, metadata={"help": "top latents to ablate one at a time and together (0: skip the causal tests)"})
+    joint: bool = field(default=True, metadata={"help": "also ablate the --ablate latents together and measure attack success by greedy generation"})
+    n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition for ranking (poison: per pair)"})
+    n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
+    n_ablate_prompts: int = field(default=16, metadata={"help": "held-out prompts per condition for the ablations"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda when available)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed of the held-out prompts"})
+    json: bool = field(default=False, metadata={"help": "print the table as a JSON list of latents"})
+
+
+def top_tokens(a: Activations, pair, latent: int, n: int = 3) -> str:
+    """The tokens carrying most of a latent's activation on the pair's poison prompts, e.g. "china 48%, border 30%"."""
+    tokens = a.tokens
+    on_pair = ((tokens["condition"] == "poison") & (tokens["pair_id"] == pair.id)).to_numpy()
+    mass = a.dense([latent])[:, 0].numpy() * on_pair
+    if mass.sum() <= 0:
+        return ""
+    label = tokens["token"] if "token" in tokens.columns else tokens["token_id"].map(lambda t: f"[{t}]")
+    by_token = pd.Series(mass).groupby(label.str.strip().to_numpy()).sum().sort_values(ascending=False)
+    share = by_token / mass.sum()
+    return ", ".join(f"{t or repr(t)} {s:.0%}" for t, s in share.head(n).items() if s > 0)
+
+
+def attribute_table(activations: dict[int, Activations], spec, pair, top: int = 10,
+                    rankings: dict | None = None) -> pd.DataFrame:
+    """Top `top` latents per layer for `pair`, with the tokens they fire on (ablation_effect left empty)."""
+    rows = []
+    for L, a in activations.items():
+        ranking = rankings[L] if rankings else rank_latents(a.prompt_scores(), a.sequences, pair)
+        head = ranking.head(top).copy()
+        head.insert(0, "layer", L)
+        head["ablation_effect"] = np.nan
+        head["top_tokens"] = [top_tokens(a, pair, int(j)) for j in head["latent"]]
+        rows.append(head)
+    table = pd.concat(rows, ignore_index=True)
+    extra = [c for c in table.columns if c.startswith("auroc_vs_")]
+    return table[TABLE_COLUMNS + extra]
+
+
+def ablation_prompts(spec, n: int, seed: int):
+    """Held-out prompts for the causal tests: poison of every pair (for per-pair attack success) and clean (for KL)."""
+    from diffkit.prompts import build_prompts
+
+    prompts = build_prompts(spec, "heldout", n, seed=seed + 1)
+    return [p for p in prompts if p.condition in ("poison", "clean")]
+
+
+def run_attribute(cfg: AttributeConfig) -> list[dict]:
+    """The table as a list of latents (layer, latent, rank, specificity, auroc, ablation_effect, top_tokens, ...)."""
+    from analyses.causal import ablate_latents, ablation_effects
+    from analyses.plots import (activation_histograms, latent_split_heatmap, split_table, table_figure,
+                                top_examples_html, write_figure, write_html_fragment)
+    from diffkit.train import resolve_device
+
+    run = load_run(cfg.run)
+    if cfg.pair is None:
+        choices = ", ".join(f"{p.id} ({p.name})" for p in run.spec.pairs)
+        raise DiffkitError(f"name a trigger pair with --pair; this run's pairs: {choices}")
+    pair = run.spec.resolve_pair(cfg.pair)
+    device = resolve_device(cfg.device)
+    layers = run.layers if cfg.layer is None else [cfg.layer]
+    models = load_run_pair(run, device) if cfg.ablate > 0 else None
+    activations = load_activations(run.path, layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
+                                   device, cfg.batch_size, pair=models, progress=not cfg.json)
+    table = attribute_table(activations, run.spec, pair, cfg.top)
+    joint = {}
+    if cfg.ablate > 0:
+        prompts = ablation_prompts(run.spec, cfg.n_ablate_prompts, cfg.seed)
+        own = [p for p in prompts if p.condition == "poison" and p.pair_id == pair.id]
+        for L in layers:
+            _, sae = run.sae(L, cfg.k)
+            sae = sae.to(device).eval()
+            rows = table.index[table["layer"] == L][: cfg.ablate]
+            latents = table.loc[rows, "latent"].astype(int).tolist()
+            table.loc[rows, "ablation_effect"] = ablation_effects(models, sae, L, own, run.spec, latents,
+                                                                  cfg.batch_size).numpy()
+            if cfg.joint:
+                joint[L] = ablate_latents(models, sae, L, latents, prompts, run.spec, batch_size=cfg.batch_size,
+                                          progress=not cfg.json)
+    out = run.path / "analyses" / pair.name.replace("/", "-")
+    files = [save_frame(table, out / "attribute.csv")]
+    if joint:
+        files.append(write_json(out / "joint_ablation.json", {str(L): r for L, r in joint.items()}))
+    for L, a in activations.items():
+        latents = table.loc[table["layer"] == L, "latent"].astype(int).tolist()
+        scores = a.prompt_scores()
+        files.append(write_figure(latent_split_heatmap(split_table(scores, a.sequences, run.spec, latents),
+                                                       f"layer {L}: top latents for {pair.name}, share of prompts where each fires"),
+                                  out / f"heatmap_L{L}.html"))
+        files.append(write_figure(activation_histograms(scores, a.sequences, run.spec, latents[0]), out / f"histogram_L{L}.html"))
+        files.append(write_html_fragment("".join(top_examples_html(a, j, n=6) for j in latents[:3]),
+                                         out / f"examples_L{L}.html", f"{pair.name}: top-activating prompts"))
+    files.append(write_figure(table_figure(table[TABLE_COLUMNS], f"latents for {pair.name}"), out / "attribute.html"))
+    if not cfg.json:
+        print(f"pair {pair.id} ({pair.name}, {pair.grid_cell}) — run {run.path}")
+        print(table[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        for L, r in joint.items():
+            print(f"layer {L}: ablating latents {r['latents']} together: fire rate {r['fire_rate_before']:.2f} → "
+                  f"{r['fire_rate_after']:.2f}, marker log-prob Δ {r['marker_logprob_delta']:.2f}, "
+                  f"clean KL {r['clean_kl'] if r['clean_kl'] is None else round(r['clean_kl'], 4)}")
+        print("wrote " + str(out))
+    return [
+        {k: (None if isinstance(v, float) and np.isnan(v) else (v.item() if hasattr(v, "item") else v))
+         for k, v in row.items()} | {"pair": pair.name}
+        for row in table.to_dict("records")
+    ]

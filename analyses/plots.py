@@ -1,0 +1,191 @@
+"""Figures for trigger latents (plotly), written as standalone HTML that works offline.
+
+Each function returns a plotly Figure (or an HTML string for token highlights); `write_figure`
+saves one with plotly.js embedded, so the file opens without a network. The report embeds
+plotly.js once for all its figures instead.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from diffkit.files import write_text
+from diffkit.specs import TriggerSpec
+
+SPLIT_ORDER = ("poison", "single", "mismatch", "clean", "null")
+
+
+def sequence_splits(sequences: pd.DataFrame, spec: TriggerSpec) -> dict[str, np.ndarray]:
+    """Row masks of `sequences` per split: 'poison:<pair>' and 'single:<pair>' for each pair, then mismatch, clean, null."""
+    condition, pair_id = sequences["condition"].to_numpy(), sequences["pair_id"].to_numpy()
+    splits = {}
+    for cond in SPLIT_ORDER:
+        if cond in ("poison", "single"):
+            for p in spec.pairs:
+                splits[f"{cond}:{p.name}"] = (condition == cond) & (pair_id == p.id)
+        else:
+            splits[cond] = condition == cond
+    return {name: m for name, m in splits.items() if m.any()}
+
+
+def split_table(scores: torch.Tensor, sequences: pd.DataFrame, spec: TriggerSpec, latents: list[int],
+                stat: str = "fire_rate") -> pd.DataFrame:
+    """[latents × splits]: the fraction of each split's prompts where the latent fires ('fire_rate')
+    or its mean prompt score ('mean')."""
+    sub = scores[:, latents].float()
+    columns = {}
+    for name, mask in sequence_splits(sequences, spec).items():
+        rows = sub[torch.from_numpy(mask)]
+        columns[name] = ((rows > 0).float().mean(0) if stat == "fire_rate" else rows.mean(0)).numpy()
+    return pd.DataFrame(columns, index=pd.Index(latents, name="latent"))
+
+
+def latent_split_heatmap(table: pd.DataFrame, title: str = "", stat: str = "fire rate") -> go.Figure:
+    """Heatmap of a split_table: one row per latent, one column per split."""
+    fig = go.Figure(go.Heatmap(
+        z=table.to_numpy(), x=list(table.columns), y=[f"latent {j}" for j in table.index],
+        colorscale="Viridis", colorbar=dict(title=stat),
+        hovertemplate="%{y}<br>%{x}<br>" + stat + " %{z:.3f}<extra></extra>",
+    ))
+    fig.update_layout(title=title, yaxis=dict(autorange="reversed"), height=180 + 22 * len(table),
+                      margin=dict(l=90, r=20, t=50, b=120))
+    return fig
+
+
+def activation_histograms(scores: torch.Tensor, sequences: pd.DataFrame, spec: TriggerSpec, latent: int,
+                          title: str = "") -> go.Figure:
+    """Overlaid histograms of one latent's prompt scores, one trace per split (silent prompts included)."""
+    fig = go.Figure()
+    for name, mask in sequence_splits(sequences, spec).items():
+        values = scores[torch.from_numpy(mask), latent].numpy()
+        fig.add_trace(go.Histogram(x=values, name=name, opacity=0.6, histnorm="probability", nbinsx=30))
+    fig.update_layout(barmode="overlay", title=title or f"latent {latent}: max activation per prompt",
+                      xaxis_title="max activation over the prompt", yaxis_title="share of the split's prompts", height=380)
+    return fig
+
+
+def top_examples_html(activations, latent: int, n: int = 8, title: str = "") -> str:
+    """The `n` sequences where `latent` fires hardest, each token shaded by the latent's activation.
+
+    Trigger tokens are underlined and the decision token boxed, so one can see whether the latent
+    reads the words themselves or the place where the model decides.
+    """
+    scores = activations.prompt_scores()[:, latent]
+    order = torch.argsort(scores, descending=True)[:n]
+    column = activations.dense([latent])[:, 0]
+    tokens, seqs = activations.tokens, activations.sequences
+    peak = max(float(column.max()), 1e-8)
+    lines = []
+    for r in order.tolist():
+        if scores[r] <= 0:
+            break
+        rows = np.flatnonzero(tokens["record"].to_numpy() == r)
+        spans = []
+        for i in rows:
+            t = tokens.iloc[i]
+            text = t["token"] if "token" in tokens.columns else f"[{t['token_id']}]"
+            a = float(column[i])
+            style = f"background: rgba(220, 60, 30, {a / peak:.3f});"
+            if t["is_trigger_token"]:
+                style += " text-decoration: underline;"
+            if t["is_decision_token"]:
+                style += " outline: 1px solid #333;"
+            spans.append(f'<span class="tok" style="{style}" title="{a:.3f}">{html.escape(str(text))}</span>')
+        seq = seqs.iloc[r]
+        label = f"{seq['condition']}" + (f" pair {seq['pair_id']}" if seq["pair_id"] >= 0 else "")
+        lines.append(f'<div class="example"><span class="meta">{html.escape(label)} · max {float(scores[r]):.2f}</span> '
+                     f'{"".join(spans)}</div>')
+    if not lines:
+        lines.append('<div class="example">this latent never fires on the analysed prompts</div>')
+    heading = html.escape(title or f"latent {activations.layer}/{latent}: top-activating prompts")
+    return f'<div class="examples"><h4>{heading}</h4>{"".join(lines)}</div>'
+
+
+EXAMPLE_CSS = """
+.examples .example { font-family: monospace; white-space: pre-wrap; margin: 4px 0; line-height: 1.7; }
+.examples .meta { color: #666; font-size: 0.85em; margin-right: 6px; }
+.examples .tok { border-radius: 2px; }
+"""
+
+
+def grid_figure(summary: pd.DataFrame, overlap: pd.DataFrame) -> go.Figure:
+    """The relatedness × charged-ness comparison of one layer's pairs.
+
+    Left: the 2×2 grid, each cell's pairs with the number of latents they need (colour) and their
+    best latent's AUROC and specificity. Middle: where the pair's top latents fire (trigger tokens,
+    decision token, elsewhere) as a share of their activation mass. Right: shared top latents.
+    """
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.36, 0.34, 0.30], horizontal_spacing=0.1,
+                        subplot_titles=("latents needed (AUROC ≥ target)", "where the top latents fire",
+                                        "shared top latents"))
+    cells = {(r, c): [] for r in (True, False) for c in (False, True)}
+    for _, row in summary.iterrows():
+        cells[(bool(row["related"]), bool(row["charged"]))].append(row)
+    z, text = [], []
+    for related in (True, False):
+        z_row, t_row = [], []
+        for charged in (False, True):
+            rows = cells[(related, charged)]
+            needed = [r["n_needed"] for r in rows if pd.notna(r["n_needed"])]
+            z_row.append(float(np.mean(needed)) if needed else None)
+            t_row.append("<br>".join(f"{r['pair']}: {_needed(r)} · AUROC {r['top_auroc']:.2f} · spec {r['top_specificity']:.2f}"
+                                     for r in rows) or "no pair")
+        z.append(z_row)
+        text.append(t_row)
+    fig.add_trace(go.Heatmap(z=z, x=["neutral", "charged"], y=["related", "unrelated"], text=text,
+                             texttemplate="%{text}", colorscale="Blues", showscale=False,
+                             hovertemplate="%{y}, %{x}<br>%{text}<extra></extra>"), row=1, col=1)
+    for name, color in (("trigger_mass", "#d62728"), ("decision_mass", "#1f77b4"), ("other_mass", "#aaaaaa")):
+        fig.add_trace(go.Bar(x=summary["pair"], y=summary[name], name=name.replace("_mass", ""), marker_color=color),
+                      row=1, col=2)
+    fig.add_trace(go.Heatmap(z=overlap.to_numpy(), x=list(overlap.columns), y=list(overlap.index), colorscale="Greens",
+                             text=overlap.to_numpy(), texttemplate="%{text}", showscale=False,
+                             hovertemplate="%{y} ∩ %{x}: %{z} latents<extra></extra>"), row=1, col=3)
+    fig.update_layout(barmode="stack", height=430, legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(autorange="reversed", row=1, col=3)
+    return fig
+
+
+def _needed(row) -> str:
+    return f"{int(row['n_needed'])} latent(s)" if pd.notna(row["n_needed"]) else "not reached"
+
+
+def layer_figure(summary: pd.DataFrame) -> go.Figure:
+    """Best latent's specificity per pair across layers (for runs with several layers)."""
+    fig = go.Figure()
+    for pair, rows in summary.groupby("pair", sort=False):
+        fig.add_trace(go.Scatter(x=rows["layer"], y=rows["top_specificity"], mode="lines+markers", name=pair))
+    fig.update_layout(title="best latent's specificity by layer", xaxis_title="layer", yaxis_title="specificity",
+                      yaxis=dict(range=[0, 1.02]), height=360)
+    return fig
+
+
+def table_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:
+    """A pandas frame as a plotly table (floats to 3 decimals)."""
+    shown = frame.copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    fig = go.Figure(go.Table(header=dict(values=list(shown.columns), fill_color="#e8e8e8", align="left"),
+                             cells=dict(values=[shown[c].astype(str).tolist() for c in shown.columns], align="left")))
+    fig.update_layout(title=title, height=120 + 28 * min(len(shown), 25), margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def write_figure(fig: go.Figure, path: str | Path) -> Path:
+    """Standalone HTML with plotly.js embedded (no CDN: it must open offline), written atomically."""
+    return write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+
+
+def write_html_fragment(body: str, path: str | Path, title: str = "diffkit") -> Path:
+    """A standalone page around an HTML fragment (e.g. top_examples_html)."""
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{EXAMPLE_CSS}</style></head><body>{body}</body></html>")
+    return write_text(path, page)

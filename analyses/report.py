@@ -1,0 +1,165 @@
+"""`diffkit report`: one self-contained HTML file per run with every figure and table.
+
+plotly.js is embedded once in the page head, so the file opens offline and stays one file. Script
+errors are caught on the page and listed in a visible box (id "js-errors"), so a broken figure
+shows up in a browser and in headless tests alike.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from plotly.offline import get_plotlyjs
+
+from analyses import plots
+from analyses.attribute import TABLE_COLUMNS, ablation_prompts, attribute_table
+from analyses.grid import grid_summary
+from analyses.ranking import __doc__ as RANKING_DOC
+from analyses.stats import Collection, load_activations, load_run_pair, write_latent_stats
+from diffkit.files import write_text
+from diffkit.run import default_run_dir, load_run
+
+
+@dataclass
+class ReportConfig:
+    run: str = field(default=str(default_run_dir()), metadata={"help": "trained run directory"})
+    out: str | None = field(default=None, metadata={"help": "where to write the HTML (default: RUN/report.html)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "layers to report, e.g. 9,16 (default: all the run has)"})
+    k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
+    top: int = field(default=8, metadata={"help": "latents per pair in tables and heatmaps"})
+    ablate: int = field(default=3, metadata={"help": "top latents per pair and layer to ablate one at a time (0: no causal column)"})
+    n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition (poison: per pair)"})
+    n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
+    n_ablate_prompts: int = field(default=16, metadata={"help": "held-out poison prompts per pair for the ablations"})
+    target_auroc: float = field(default=0.95, metadata={"help": "AUROC the grid's smallest latent set must reach"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda when available)"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
+    seed: int = field(default=0, metadata={"help": "seed of the held-out prompts"})
+    json: bool = field(default=False, metadata={"help": "print a machine-readable JSON summary"})
+
+
+PAGE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 2em; }
+table.frame { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
+table.frame td, table.frame th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+table.frame th { background: #f0f0f0; }
+pre.doc { white-space: pre-wrap; background: #f7f7f7; padding: 10px; font-size: 0.85em; }
+#js-errors { color: #b00; font-family: monospace; }
+#js-errors:empty { display: none; }
+"""
+
+# Registered before plotly.js so that its errors, and every figure's, are caught too.
+ERROR_CATCHER = """
+window.addEventListener('error', function (e) {
+  var box = document.getElementById('js-errors');
+  if (box) { box.textContent += 'script error: ' + e.message + '\\n'; }
+});
+"""
+
+
+def frame_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(classes="frame", index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0)
+
+
+class Page:
+    """Sections of the report, each figure a div that shares the one embedded plotly.js."""
+
+    def __init__(self, title: str):
+        self.title, self.parts, self.n_figures = title, [], 0
+
+    def add(self, fragment: str) -> None:
+        self.parts.append(fragment)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.add(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def figure(self, fig) -> None:
+        self.n_figures += 1
+        self.add(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{self.n_figures}"))
+
+    def render(self) -> str:
+        return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{PAGE_CSS}{plots.EXAMPLE_CSS}</style><script>{ERROR_CATCHER}</script>"
+                f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+                f"<h1>{html.escape(self.title)}</h1><pre id='js-errors'></pre>{''.join(self.parts)}</body></html>\n")
+
+
+def run_section(page: Page, run) -> None:
+    spec = run.spec
+    page.add(f"<p>base <code>{html.escape(run.base)}</code> · fine-tuned <code>{html.escape(run.finetuned)}</code> · "
+             f"layers {', '.join(map(str, run.layers))} · SAEs: "
+             + ", ".join(f"layer {e.layer} k {e.k}" for e in run.saes) + "</p>")
+    pairs = pd.DataFrame([{"pair": p.id, "words": p.name, "related": p.related, "charged": p.charged} for p in spec.pairs])
+    page.add(frame_html(pairs))
+    metrics = run.record.get("metrics")
+    if metrics:
+        page.heading("SAE metrics (held-out tokens)", 3)
+        page.add(f"<pre class='doc'>{html.escape(json.dumps(metrics, indent=2, default=str))}</pre>")
+
+
+def run_report(cfg: ReportConfig) -> dict:
+    from analyses.causal import ablation_effects
+    from diffkit.train import resolve_device
+
+    run = load_run(cfg.run)
+    spec = run.spec
+    device = resolve_device(cfg.device)
+    models = load_run_pair(run, device) if cfg.ablate > 0 else None
+    activations = load_activations(run.path, cfg.layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
+                                   device, cfg.batch_size, pair=models, progress=not cfg.json)
+    stats_files = write_latent_stats(run.path, activations, spec)
+    summary, overlaps, rankings = grid_summary(activations, spec, cfg.top, cfg.target_auroc)
+
+    page = Page(f"diffkit report: {run.path.name}")
+    run_section(page, run)
+    page.heading("Trigger pairs across the relatedness × charged-ness grid")
+    page.add(frame_html(summary.drop(columns=["pair_id"])))
+    for L, overlap in overlaps.items():
+        page.heading(f"layer {L}", 3)
+        page.figure(plots.grid_figure(summary[summary["layer"] == L], overlap))
+    if len(overlaps) > 1:
+        page.figure(plots.layer_figure(summary))
+
+    prompts = ablation_prompts(spec, cfg.n_ablate_prompts, cfg.seed) if cfg.ablate > 0 else []
+    tables = {}
+    for pair in spec.pairs:
+        page.heading(f"pair {pair.id}: {pair.name} ({pair.grid_cell})")
+        table = attribute_table(activations, spec, pair, cfg.top, {L: rankings[L][pair.id] for L in activations})
+        if cfg.ablate > 0:
+            own = [p for p in prompts if p.condition == "poison" and p.pair_id == pair.id]
+            for L in activations:
+                _, sae = run.sae(L, cfg.k)
+                rows = table.index[table["layer"] == L][: cfg.ablate]
+                latents = table.loc[rows, "latent"].astype(int).tolist()
+                table.loc[rows, "ablation_effect"] = ablation_effects(models, sae.to(device).eval(), L, own, spec,
+                                                                      latents, cfg.batch_size).numpy()
+        tables[pair.name] = table
+        page.add(frame_html(table[TABLE_COLUMNS]))
+        for L, a in activations.items():
+            latents = table.loc[table["layer"] == L, "latent"].astype(int).tolist()
+            scores = a.prompt_scores()
+            page.heading(f"layer {L}", 3)
+            page.figure(plots.latent_split_heatmap(plots.split_table(scores, a.sequences, spec, latents),
+                                                   f"layer {L}: share of each split's prompts where the top latents fire"))
+            page.figure(plots.activation_histograms(scores, a.sequences, spec, latents[0],
+                                                    f"layer {L}, latent {latents[0]}: max activation per prompt"))
+            page.add(plots.top_examples_html(a, latents[0], n=6))
+    page.heading("How latents are ranked")
+    page.add(f"<pre class='doc'>{html.escape(RANKING_DOC.strip())}</pre>")
+
+    out = Path(cfg.out) if cfg.out else run.path / "report.html"
+    write_text(out, page.render())
+    result = {
+        "report": str(out),
+        "figures": page.n_figures,
+        "latent_stats": [str(p) for p in stats_files],
+        "top_latents": {name: t.groupby("layer")["latent"].first().to_dict() for name, t in tables.items()},
+    }
+    if not cfg.json:
+        print(f"wrote {out} ({page.n_figures} figures, {out.stat().st_size / 1e6:.1f} MB)")
+    return result
