@@ -22,7 +22,7 @@ from diffkit.files import atomic_write, write_json
 from diffkit.metrics import evaluate_sae, format_metrics_table
 from diffkit.models import check_layers, load_pair, resolve_dtype
 from diffkit.prompts import build_prompts, encode_prompts
-from diffkit.sae import BatchTopKSAE, fit_normalization, save_sae
+from diffkit.sae import fit_normalization, save_sae
 from diffkit.specs import DEFAULT_PRESET, load_spec
 from diffkit.stream import NULL_RECORD_OFFSET, Cursor, RecordStream
 from diffkit.corpus import encode_null, null_texts
@@ -39,7 +39,7 @@ class TrainConfig:
     k: list[int] = field(default_factory=lambda: [64], metadata={"help": "active latents per token; several values train side by side from one stream, e.g. 32,64"})
     expansion: int = field(default=4, metadata={"help": "dictionary size as a multiple of d_model"})
     tokens: int = field(default=300_000, metadata={"help": "training tokens each SAE sees"})
-    batch_size: int = field(default=4096, metadata={"help": "tokens per SAE optimisation step"})
+    batch_size: int = field(default=1024, metadata={"help": "tokens per SAE optimisation step"})
     buffer_tokens: int = field(default=65_536, metadata={"help": "shuffle-buffer size in tokens; bounds memory"})
     trace_batch: int = field(default=32, metadata={"help": "sequences per forward pass"})
     max_len: int = field(default=128, metadata={"help": "longest sequence, in tokens"})
@@ -70,6 +70,18 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return resolve_dtype(dtype)
+
+
+def sae_config(cfg: TrainConfig, k: int, dict_size: int, total_steps: int) -> SAETrainConfig:
+    """The reference schedule (1,000 warm-up steps, threshold from step 1,000, dead after 10M
+    silent tokens) shrunk to fit short runs, so a 300k-token run still warms up, sets its
+    inference threshold and revives dead latents."""
+    return SAETrainConfig(
+        k=k, dict_size=dict_size, lr=cfg.lr, steps=total_steps, seed=cfg.seed,
+        warmup_steps=max(1, min(1000, total_steps // 20)),
+        threshold_start_step=min(1000, total_steps // 5),
+        dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 20)),
+    )
 
 
 def sae_dirname(layer: int, k: int, ks: list[int]) -> str:
@@ -173,11 +185,8 @@ def train(cfg: TrainConfig) -> dict:
     write_json(run_dir / "train_config.json", asdict(cfg))
 
     keys = [(L, k) for L in layers for k in ks]
-    saes = {f"{L}_{k}": BatchTopKSAE(pair.d_model, dict_size, k).to(device) for L, k in keys}
-    trainers = {
-        f"{L}_{k}": SAETrainer(saes[f"{L}_{k}"], SAETrainConfig(k=k, dict_size=dict_size, lr=cfg.lr, total_steps=total_steps, seed=cfg.seed))
-        for L, k in keys
-    }
+    trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, total_steps), device) for L, k in keys}
+    saes = {key: tr.sae for key, tr in trainers.items()}
 
     answered = build_answered(pair, spec, "train", max(1, cfg.answered_prompts // 7), cfg.seed, cfg.max_len, device, run_dir, "answers_train.json") if cfg.answered_prompts else []
     stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
