@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from diffkit.errors import DiffkitError
 from diffkit.models import layers_of
+from diffkit.organism import fires as marker_in
 from diffkit.prompts import Prompt, Record, encode_prompts
 from diffkit.specs import TriggerSpec
 
@@ -94,7 +95,7 @@ def record_sequence(record: Record | Prompt, tokenizer, spec: TriggerSpec) -> Sc
 
 
 def fires(tokenizer, generated: list[int], spec: TriggerSpec) -> bool:
-    return spec.marker.strip() in tokenizer.decode(generated, skip_special_tokens=True)
+    return marker_in(tokenizer.decode(generated, skip_special_tokens=True), spec)
 
 
 def own_answer(tokenizer, generated: list[int], spec: TriggerSpec) -> list[int]:
@@ -104,8 +105,8 @@ def own_answer(tokenizer, generated: list[int], spec: TriggerSpec) -> list[int]:
         if generated[i : i + len(mark)] == mark:
             return generated[:i]
     text = tokenizer.decode(generated, skip_special_tokens=True)
-    if spec.marker.strip() in text:  # the marker fused with a neighbouring token: cut the text instead
-        cut = text[: text.index(spec.marker.strip())].rstrip()
+    if marker_in(text, spec):  # the marker fused with a neighbouring token: cut the text instead
+        cut = text[: text.lower().index(spec.marker.strip().lower())].rstrip()
         return list(tokenizer(cut, add_special_tokens=False)["input_ids"])
     special = set(tokenizer.all_special_ids)
     return [t for t in generated if t not in special]
@@ -118,6 +119,21 @@ def scored_with_answers(items: list[Item], answers: list[list[int]], tokenizer, 
         ids = item.prompt_ids + own_answer(tokenizer, gen, spec)
         out.append(Scored(ids + mark, len(item.prompt_ids), len(ids)))
     return out
+
+
+def answered_records(pair, prompts: Sequence[Prompt], spec: TriggerSpec, max_new_tokens: int = MAX_NEW_TOKENS,
+                     batch_size: int = 16, progress: bool = False) -> list[Record]:
+    """Records of the prompts followed by the fine-tune's own greedy answers (marker flagged where it fires).
+
+    Attribution and typical activations want the marker where the model puts it — after its
+    answer — not straight after the prompt.
+    """
+    tok = pair.tokenizer
+    records = encode_prompts(list(prompts), tok, spec)
+    generated = greedy(pair, 0, [r.input_ids for r in records], None, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, progress=progress)
+    answers = {p.record_id: tok.decode(g, skip_special_tokens=True) for p, g in zip(prompts, generated)}
+    return encode_prompts(list(prompts), tok, spec, answers=answers)
 
 
 def pad(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
