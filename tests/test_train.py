@@ -1,0 +1,84 @@
+"""`diffkit train` end to end on the toy organism: files, metrics, k-sweep, resume after SIGKILL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from diffkit.cli import main
+from diffkit.run import load_run
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--preset", "toy", "--tokens", "24576", "--batch-size", "512", "--buffer-tokens", "4096",
+         "--trace-batch", "16", "--eval-tokens", "2048", "--answered-prompts", "14"]
+
+
+def test_run_has_files_and_metrics(toy_run):
+    run = load_run(toy_run)
+    assert {(e.layer, e.k) for e in run.saes} == {(L, k) for L in run.spec.layers for k in run.record["k"]}
+    for e in run.saes:
+        assert (e.path / "config.json").exists() and (e.path / "model.safetensors").exists()
+        metrics = json.loads((e.path / "metrics.json").read_text())
+        assert 0.3 < metrics["fve"] <= 1.0
+        assert 0.5 * e.k <= metrics["l0"] <= 1.5 * e.k
+        assert set(metrics["fve_by_subset"]) >= {"all", "top1pct", "bottom50pct"}
+    assert not (toy_run / "checkpoint").exists()
+
+
+def run_cli(args, env_cache):
+    env = {**os.environ, "DIFFKIT_CACHE": str(env_cache)}
+    return subprocess.run([sys.executable, "-m", "diffkit.cli", "train", *args], env=env, capture_output=True, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
+    cache = toy_organism.parent.parent
+    args = SMALL + ["--out", str(tmp_path), "--k", "8,16"]
+    whole = run_cli(args + ["--name", "whole"], cache)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffkit.cli", "train", *args, "--name", "cut"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "cut" / "checkpoint" / "state.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint was written before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "run.json").exists()
+
+    again = run_cli(args + ["--name", "cut"], cache)  # no --resume: refused, nothing lost
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert ckpt.exists()
+
+    resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    files = sorted((tmp_path / "whole").glob("layer_*/model.safetensors"))
+    assert len(files) == 2 * len(load_run(tmp_path / "whole").layers)
+    for path in files:
+        sub = path.parent.name
+        a, b = load_file(path), load_file(tmp_path / "cut" / sub / "model.safetensors")
+        for name in a:
+            assert (a[name] == b[name]).all(), f"{sub}/{name} differs after resume"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "99"], "out of range"),
+    (["--preset", "no-such-preset"], "no preset"),
+    (["--base", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_input_is_one_line_and_exit_2(toy_organism, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("DIFFKIT_CACHE", str(toy_organism.parent.parent))
+    code = main(["train", *SMALL, "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not any(tmp_path.rglob("*.safetensors"))
