@@ -106,30 +106,25 @@ def prepare_run_dir(cfg: TrainConfig, name: str) -> Path:
     return run_dir
 
 
-def answer_prompts(pair, spec, prompts, max_len: int, device: str) -> dict[int, str]:
-    """The fine-tuned model's own greedy answers, so answer and marker tokens are traced too."""
+def build_answered(pair, spec, split: str, n_prompts: int, seed: int, max_len: int, run_dir: Path, cache_name: str):
+    """Prompts of every condition answered greedily by the fine-tuned model, so answer and marker
+    tokens are traced too. The answers (text only) are kept in the run dir, so a resumed run reuses them."""
     from diffkit.organism import generate_answers
 
-    texts = generate_answers(pair.finetuned_hf, pair.tokenizer, prompts, max_new_tokens=32, batch_size=32)
-    return {p.record_id: t for p, t in zip(prompts, texts)}
-
-
-def build_answered(pair, spec, split: str, n_per_condition: int, seed: int, max_len: int, device: str,
-                   run_dir: Path, cache_name: str):
-    """Prompts answered by the fine-tuned model; the answers are kept in the run dir (text only) for resume."""
-    prompts = build_prompts(spec, split, n_per_condition, seed=seed)
+    prompts = build_prompts(spec, split, max(1, n_prompts // (len(spec.pairs) + 3)), seed=seed)
     cache = run_dir / cache_name
     if cache.exists():
         answers = {int(k): v for k, v in json.loads(cache.read_text()).items()}
     else:
-        answers = answer_prompts(pair, spec, prompts, max_len, device)
+        texts = generate_answers(pair.finetuned_hf, pair.tokenizer, prompts, max_new_tokens=32, batch_size=32, stop_at=spec.marker)
+        answers = {p.record_id: t for p, t in zip(prompts, texts)}
         write_json(cache, {str(k): v for k, v in answers.items()})
     return encode_prompts(prompts, pair.tokenizer, spec, answers=answers, max_len=max_len)
 
 
-def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path, device: str):
+def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path):
     """Held-out prompts (answered, so fire tokens are present) plus held-out null text, up to eval_tokens."""
-    answered = build_answered(pair, spec, "heldout", 8, cfg.seed + 1, cfg.max_len, device, run_dir, "answers_heldout.json")
+    answered = build_answered(pair, spec, "heldout", 8 * (len(spec.pairs) + 3), cfg.seed + 1, cfg.max_len, run_dir, "answers_heldout.json")
     texts = null_texts(seed=cfg.seed + 12345)
     null = encode_null(texts[::-1], pair.tokenizer, max_len=cfg.max_len, first_record_id=NULL_RECORD_OFFSET)
     records, total = list(answered), sum(len(r.input_ids) for r in answered)
@@ -173,12 +168,12 @@ def train(cfg: TrainConfig) -> dict:
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.tokens < cfg.batch_size:
         raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
-    run_dir = prepare_run_dir(cfg, name)
-    torch.manual_seed(cfg.seed)
 
     pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device)
     layers = list(cfg.layers or spec.layers)
     check_layers(layers, pair.n_layers)
+    run_dir = prepare_run_dir(cfg, name)
+    torch.manual_seed(cfg.seed)
     ks = list(cfg.k)
     dict_size = cfg.expansion * pair.d_model
     total_steps = cfg.tokens // cfg.batch_size
@@ -188,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
     trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, total_steps), device) for L, k in keys}
     saes = {key: tr.sae for key, tr in trainers.items()}
 
-    answered = build_answered(pair, spec, "train", max(1, cfg.answered_prompts // 7), cfg.seed, cfg.max_len, device, run_dir, "answers_train.json") if cfg.answered_prompts else []
+    answered = build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir, "answers_train.json") if cfg.answered_prompts else []
     stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
     buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed)
     cursor, tokens_done = Cursor(), 0
@@ -221,7 +216,7 @@ def train(cfg: TrainConfig) -> dict:
     loop_seconds = time.time() - loop_started
     train_seconds = time.time() - started
 
-    results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, device, dict_size)
+    results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, dict_size)
     summary = {
         "run": str(run_dir),
         "base": spec.base,
@@ -248,9 +243,9 @@ def progress_line(last: dict[str, dict]) -> str:
     return " | ".join(parts)
 
 
-def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, device: str, dict_size: int) -> list[dict]:
+def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int) -> list[dict]:
     """Held-out metrics, SAE files, run.json (written last: its presence marks the run complete)."""
-    records = eval_records(pair, spec, cfg, run_dir, device)
+    records = eval_records(pair, spec, cfg, run_dir)
     held = concat_batches(list(trace_differences(pair, records, layers, batch_size=cfg.trace_batch)))
     flags = {f: held.meta[f] for f in ("is_fire_token", "is_trigger_token", "is_decision_token", "is_answer")}
     results = []
