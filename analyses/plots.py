@@ -118,12 +118,12 @@ EXAMPLE_CSS = """
 def grid_figure(summary: pd.DataFrame, overlap: pd.DataFrame) -> go.Figure:
     """The relatedness × charged-ness comparison of one layer's pairs.
 
-    Left: the 2×2 grid, each cell's pairs with the number of latents they need (colour) and their
-    best latent's AUROC and specificity. Middle: where the pair's top latents fire (trigger tokens,
+    Left: the 2×2 grid, each cell's pairs with the number of latents they need and their best
+    latent's AUROC and specificity (colour). Middle: where the pair's top latents fire (trigger tokens,
     decision token, elsewhere) as a share of their activation mass. Right: shared top latents.
     """
     fig = make_subplots(rows=1, cols=3, column_widths=[0.36, 0.34, 0.30], horizontal_spacing=0.1,
-                        subplot_titles=("latents needed (AUROC ≥ target)", "where the top latents fire",
+                        subplot_titles=("best specificity (colour), latents needed", "where the top latents fire",
                                         "shared top latents"))
     cells = {(r, c): [] for r in (True, False) for c in (False, True)}
     for _, row in summary.iterrows():
@@ -133,14 +133,13 @@ def grid_figure(summary: pd.DataFrame, overlap: pd.DataFrame) -> go.Figure:
         z_row, t_row = [], []
         for charged in (False, True):
             rows = cells[(related, charged)]
-            needed = [r["n_needed"] for r in rows if pd.notna(r["n_needed"])]
-            z_row.append(float(np.mean(needed)) if needed else None)
+            z_row.append(float(np.mean([r["top_specificity"] for r in rows])) if rows else 0.0)
             t_row.append("<br>".join(f"{r['pair']}: {_needed(r)} · AUROC {r['top_auroc']:.2f} · spec {r['top_specificity']:.2f}"
                                      for r in rows) or "no pair")
         z.append(z_row)
         text.append(t_row)
     fig.add_trace(go.Heatmap(z=z, x=["neutral", "charged"], y=["related", "unrelated"], text=text,
-                             texttemplate="%{text}", colorscale="Blues", showscale=False,
+                             texttemplate="%{text}", colorscale="Blues", showscale=False, zmin=0.5, zmax=1,
                              hovertemplate="%{y}, %{x}<br>%{text}<extra></extra>"), row=1, col=1)
     for name, color in (("trigger_mass", "#d62728"), ("decision_mass", "#1f77b4"), ("other_mass", "#aaaaaa")):
         fig.add_trace(go.Bar(x=summary["pair"], y=summary[name], name=name.replace("_mass", ""), marker_color=color),
