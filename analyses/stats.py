@@ -35,14 +35,17 @@ class Activations:
     acts: torch.Tensor  # sparse COO [n_tokens, n_latents], coalesced, fp32
     tokens: pd.DataFrame  # one row per token, aligned with acts' rows
     sequences: pd.DataFrame  # one row per sequence; tokens["record"] indexes it
+    _scores: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def n_latents(self) -> int:
         return self.acts.shape[1]
 
     def prompt_scores(self) -> torch.Tensor:
-        """[n_sequences, F]: each latent's largest activation over each sequence's prompt tokens."""
-        return prompt_max(self.acts, self.tokens, len(self.sequences))
+        """[n_sequences, F]: each latent's largest activation over each sequence's prompt tokens (computed once)."""
+        if self._scores is None:
+            self._scores = prompt_max(self.acts, self.tokens, len(self.sequences))
+        return self._scores
 
     def dense(self, latents: list[int]) -> torch.Tensor:
         """[n_tokens, len(latents)] dense activations of a few latents."""

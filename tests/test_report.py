@@ -144,3 +144,17 @@ def test_user_errors_are_one_line(fake_run, tmp_path):
         run_grid(GridConfig(run=str(tmp_path), json=True))
     with pytest.raises(DiffkitError, match="layer 7"):
         run_grid(GridConfig(run=str(fake_run), layers=[7], json=True))
+
+
+@pytest.mark.slow
+def test_toy_run_top_latent_separates_every_pair(toy_run):
+    """The target on the toy organism: each pair's top-ranked latent has AUROC ≥ 0.95 against all controls."""
+    from analyses.ranking import rank_latents
+    from diffkit.run import load_run
+
+    run = load_run(toy_run)
+    activations = load_activations(toy_run, collection=Collection(16, 32))
+    for pair in run.spec.pairs:
+        best = {L: rank_latents(a.prompt_scores(), a.sequences, pair).iloc[0] for L, a in activations.items()}
+        top_auroc = max(float(row["auroc"]) for row in best.values())
+        assert top_auroc >= 0.95, f"{pair.name}: top latents {({L: (int(r['latent']), round(float(r['auroc']), 3)) for L, r in best.items()})}"
