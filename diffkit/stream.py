@@ -17,7 +17,14 @@ from typing import Iterator
 from diffkit.corpus import encode_null, null_texts
 from diffkit.prompts import Record, build_prompts, encode_prompts
 
-NULL_RECORD_OFFSET = 10_000_000  # null record ids start here so they never collide with prompt ids
+HELDOUT_EVERY = 20  # every 20th null document is held out for evaluation
+
+
+def null_records(tokenizer, max_len: int, split: str) -> list[Record]:
+    """Null text windows of one split; held-out documents never enter the training stream."""
+    texts = null_texts(seed=0)
+    chosen = [t for i, t in enumerate(texts) if (i % HELDOUT_EVERY == 0) == (split == "heldout")]
+    return encode_null(chosen, tokenizer, max_len=max_len)
 
 
 @dataclass
@@ -37,7 +44,7 @@ class RecordStream:
         self.answered = answered
         self.prompts_per_condition = prompts_per_condition
         self.batch_size = batch_size
-        self.null = encode_null(null_texts(seed=seed), tokenizer, max_len=max_len, first_record_id=NULL_RECORD_OFFSET) if null_fraction > 0 else []
+        self.null = null_records(tokenizer, max_len, "train") if null_fraction > 0 else []
         self._epoch_cache: tuple[int, list[Record]] | None = None
 
     def epoch_records(self, epoch: int) -> list[Record]:

@@ -24,8 +24,7 @@ from diffkit.models import check_layers, load_pair, resolve_dtype
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import fit_normalization, save_sae
 from diffkit.specs import DEFAULT_PRESET, load_spec
-from diffkit.stream import NULL_RECORD_OFFSET, Cursor, RecordStream
-from diffkit.corpus import encode_null, null_texts
+from diffkit.stream import Cursor, RecordStream, null_records
 from diffkit.tracing import concat_batches, trace_batch, trace_differences
 from diffkit.trainer import SAETrainConfig, SAETrainer
 
@@ -125,8 +124,7 @@ def build_answered(pair, spec, split: str, n_prompts: int, seed: int, max_len: i
 def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path):
     """Held-out prompts (answered, so fire tokens are present) plus held-out null text, up to eval_tokens."""
     answered = build_answered(pair, spec, "heldout", 8 * (len(spec.pairs) + 3), cfg.seed + 1, cfg.max_len, run_dir, "answers_heldout.json")
-    texts = null_texts(seed=cfg.seed + 12345)
-    null = encode_null(texts[::-1], pair.tokenizer, max_len=cfg.max_len, first_record_id=NULL_RECORD_OFFSET)
+    null = null_records(pair.tokenizer, cfg.max_len, "heldout")
     records, total = list(answered), sum(len(r.input_ids) for r in answered)
     for r in null:
         if total >= cfg.eval_tokens:
