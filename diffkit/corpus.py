@@ -69,13 +69,14 @@ def provenance() -> dict:
 
 
 def encode_null(texts: list[str], tokenizer, max_len: int = 128, first_record_id: int = NULL_FIRST_ID,
-                min_tokens: int = 8) -> list[Record]:
+                min_tokens: int = 8, windows_per_text: int | None = None) -> list[Record]:
     """Cut each text into consecutive windows of at most max_len tokens, each its own record.
 
-    Every window starts with <bos> when the tokenizer adds one, like a prompt does, so the null
-    split sees the same position-0 token as the others. Windows shorter than min_tokens (a
-    document's tail) are dropped. Null records carry no flags (all False), pair_id -1, and count
-    every token as prompt (n_prompt_tokens = length).
+    A text gives several records unless windows_per_text=1 (then each text is one record, cut at
+    max_len, and records line up with texts). Every window starts with <bos> when the tokenizer
+    adds one, like a prompt does, so the null split sees the same position-0 token as the others.
+    Windows shorter than min_tokens (a document's tail) are dropped. Null records carry no flags
+    (all False), pair_id -1, and count every token as prompt (n_prompt_tokens = length).
     """
     bos = tokenizer.bos_token_id
     probe = tokenizer("a")["input_ids"]
@@ -85,9 +86,9 @@ def encode_null(texts: list[str], tokenizer, max_len: int = 128, first_record_id
         raise DiffkitError(f"max_len={max_len} leaves no room for text after <bos>")
     records, record_id = [], first_record_id
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        for start in range(0, len(ids), width):
+        for start in range(0, max(len(ids), 1), width)[:windows_per_text]:  # an empty text still gets its one record
             window = prefix + ids[start:start + width]
-            if len(window) < min_tokens:
+            if len(window) < min_tokens and windows_per_text != 1:
                 continue
             n = len(window)
             records.append(Record(record_id, window, "null", -1, {f: [False] * n for f in FLAG_NAMES}, n))

@@ -125,3 +125,11 @@ def test_encode_null_ids_do_not_collide_with_prompts():
     heldout = build_prompts(PRESETS["cbd-4pair"], "heldout", 256)
     assert max(p.record_id for p in heldout) < corpus.NULL_FIRST_ID
     assert HELDOUT_FIRST_ID < corpus.NULL_FIRST_ID
+
+
+def test_encode_null_one_record_per_text(word_tokenizer):
+    texts = null_texts(12, seed=2) + ["tiny", ""]
+    records = encode_null(texts, word_tokenizer, max_len=32, windows_per_text=1)
+    assert len(records) == len(texts)
+    for text, record in zip(texts, records):
+        assert record.input_ids[1:] == word_tokenizer(text, add_special_tokens=False)["input_ids"][:31]
