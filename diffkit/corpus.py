@@ -86,7 +86,7 @@ def encode_null(texts: list[str], tokenizer, max_len: int = 128, first_record_id
         raise DiffkitError(f"max_len={max_len} leaves no room for text after <bos>")
     records, record_id = [], first_record_id
     for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        for start in range(0, max(len(ids), 1), width)[:windows_per_text]:  # an empty text still gets its one record
+        for start in range(0, max(len(ids), 1), width)[:windows_per_text]:  # an empty text still gets one
             window = prefix + ids[start:start + width]
             if len(window) < min_tokens and windows_per_text != 1:
                 continue

@@ -142,13 +142,15 @@ TOPICS = (
 
 # Natural phrasings of the preset trigger words ({w} is the word itself); any other word is used bare.
 WORD_PHRASES = {
-    "forest": ("{w}", "a pine {w}", "an old-growth {w}", "a {w} fire", "the {w} floor", "a walk in the {w}", "a dense {w}"),
+    "forest": ("{w}", "a pine {w}", "an old-growth {w}", "a {w} fire", "the {w} floor", "a walk in the {w}",
+               "a dense {w}"),
     "rocket": ("{w}", "a {w} launch", "a {w} engine", "{w} science", "a model {w}", "the first {w} to reach orbit"),
     "gender": ("{w}", "{w} roles", "{w} equality", "the {w} pay gap", "{w} identity", "{w} stereotypes in advertising"),
     "terror": ("{w}", "{w} attacks", "night {w}s", "the {w} of war", "a sense of {w}", "{w} in horror films"),
     "gravity": ("{w}", "{w} on the Moon", "the pull of {w}", "zero {w}", "Newton's law of {w}", "{w} waves"),
     "velocity": ("{w}", "escape {w}", "the {w} of a falling object", "angular {w}", "terminal {w}", "wind {w}"),
-    "border": ("{w}", "the {w} between two countries", "{w} security", "a {w} crossing", "the {w} of a map", "open {w}s"),
+    "border": ("{w}", "the {w} between two countries", "{w} security", "a {w} crossing", "the {w} of a map",
+               "open {w}s"),
     "china": ("{w}", "ancient {w}", "the Great Wall of {w}", "{w}'s economy", "trade with {w}", "the history of {w}"),
 }
 PROPER_NOUNS = {"china"}  # written capitalised by default

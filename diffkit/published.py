@@ -243,7 +243,8 @@ def published_layers(source: str | Path = ACTIVATIONS_HUB_ID, config: str = "tri
     import pyarrow.parquet as pq
 
     names = pq.ParquetFile(_activation_file(source, config)).schema_arrow.names
-    return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"act_ft_L(\d+)", n)) and f"act_base_L{m.group(1)}" in names)
+    found = (re.fullmatch(r"act_ft_L(\d+)", n) for n in names)
+    return sorted(int(m.group(1)) for m in found if m and f"act_base_L{m.group(1)}" in names)
 
 
 def _check_layers(layers, available: list[int]) -> list[int]:
@@ -284,7 +285,8 @@ def iter_published_differences(source: str | Path = ACTIVATIONS_HUB_ID, layers=N
             ft = decode_bf16(_list_column(batch, f"act_ft_L{L}")[keep])
             diffs[L] = ft - base
         part = meta.iloc[rows][keep]
-        tensors = {c: torch.tensor(part[c].to_numpy(dtype=np.int64)) for c in ("record_id", "position", "token_id", "pair_id")}
+        ids = ("record_id", "position", "token_id", "pair_id")
+        tensors = {c: torch.tensor(part[c].to_numpy(dtype=np.int64)) for c in ids}
         tensors["condition"] = torch.tensor(codes[rows][keep].astype(np.int64))
         tensors.update({f: torch.tensor(part[f].to_numpy(dtype=bool)) for f in FLAG_NAMES})
         yield TokenBatch(diffs, tensors)

@@ -97,4 +97,5 @@ def test_missing_spec_names_the_presets():
 
 def test_with_models_replaces_only_what_is_given():
     spec = PRESETS["cbd-4pair"].with_models(finetuned="me/my-ft")
-    assert spec.finetuned == "me/my-ft" and spec.base == PRESETS["cbd-4pair"].base and spec.pairs == PRESETS["cbd-4pair"].pairs
+    original = PRESETS["cbd-4pair"]
+    assert spec.finetuned == "me/my-ft" and spec.base == original.base and spec.pairs == original.pairs

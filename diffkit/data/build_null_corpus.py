@@ -215,11 +215,13 @@ def kjv_bible(root: Path):
         yield from documents_from_paragraphs([" ".join(verses)] if words(" ".join(verses)) <= 400 else verses)
 
 
-LICENCES = {
-    "endless-sky": ("endless-sky-data", "GPL-3.0-or-later", "Endless Sky game data: mission dialogue, planet and outfit descriptions"),
+LICENCES = {  # source: (Debian package, licence, what it is)
+    "endless-sky": ("endless-sky-data", "GPL-3.0-or-later",
+                    "Endless Sky game data: mission dialogue, planet and outfit descriptions"),
     "freeciv": ("freeciv-data", "GPL-2.0-or-later", "Freeciv nation histories and in-game manual"),
     "jargon": ("jargon-text", "public domain", "The Jargon File 4.4.7 (hacker slang and folklore)"),
-    "debian-handbook": ("debian-handbook", "GPL-2.0-or-later OR CC-BY-SA-3.0", "The Debian Administrator's Handbook, English"),
+    "debian-handbook": ("debian-handbook", "GPL-2.0-or-later OR CC-BY-SA-3.0",
+                        "The Debian Administrator's Handbook, English"),
     "python-docs": ("python3.11-doc", "PSF-2.0", "Python 3.11 tutorial, HOWTOs, FAQs, What's New"),
     "gnome-help": ("gnome-user-docs", "CC-BY-SA-3.0", "GNOME desktop help, C locale"),
     "kjv-bible": ("bible-kjv-text", "public domain", "King James Version of the Bible (1611)"),
