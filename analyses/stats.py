@@ -23,8 +23,6 @@ from diffkit.errors import DiffkitError
 from diffkit.prompts import ALL_CONDITIONS
 from diffkit.specs import TriggerSpec
 
-POSITIONS = ("all", "trigger", "decision")
-NULL_RECORD_OFFSET = 10_000_000  # null record ids start here so they never collide with prompt ids
 
 
 @dataclass
@@ -65,7 +63,7 @@ def heldout_records(spec: TriggerSpec, tokenizer, n_per_condition: int = 32, n_n
             for r in records]
     if n_null > 0:
         texts = null_texts(n_null, seed=seed)
-        null = encode_null(texts, tokenizer, max_len=max_len, first_record_id=NULL_RECORD_OFFSET)
+        null = encode_null(texts, tokenizer, max_len=max_len, windows_per_text=1)  # one record per text, in order
         records = records + null
         rows += [(r.record_id, "null", -1, (), t) for r, t in zip(null, texts)]
     sequences = pd.DataFrame(rows, columns=["record_id", "condition", "pair_id", "words", "text"])
@@ -250,7 +248,7 @@ def load_activations(run_dir: str | Path, layers: list[int] | None = None, colle
         path = cache / f"layer_{L}.safetensors"
         if path.exists() and (cache / "tokens.parquet").exists():
             t = load_file(path)
-            acts = torch.sparse_coo_tensor(torch.stack([t["rows"], t["cols"]]), t["values"],
+            acts = torch.sparse_coo_tensor(torch.stack([t["rows"], t["cols"]]).long(), t["values"],
                                            (int(t["shape"][0]), int(t["shape"][1])), check_invariants=True)
             result[L] = acts.coalesce()
         else:
@@ -271,7 +269,7 @@ def load_activations(run_dir: str | Path, layers: list[int] | None = None, colle
         save_frame(sequences, cache / "sequences.parquet")
         for L, a in acts.items():
             idx = a.indices()
-            tensors = {"rows": idx[0].contiguous(), "cols": idx[1].contiguous(), "values": a.values().contiguous(),
+            tensors = {"rows": idx[0].int().contiguous(), "cols": idx[1].int().contiguous(), "values": a.values().contiguous(),
                        "shape": torch.tensor(a.shape)}
             atomic_write(cache / f"layer_{L}.safetensors", lambda tmp, t=tensors: save_file(t, str(tmp)))
             result[L] = a
