@@ -79,10 +79,8 @@ def marker_ids(tokenizer, spec: TriggerSpec) -> list[int]:
     return list(ids)
 
 
-def record_sequence(record: Record | Prompt, tokenizer, spec: TriggerSpec) -> Scored:
+def record_sequence(record: Record, tokenizer, spec: TriggerSpec) -> Scored:
     """The record cut right after its marker when its answer holds one, else the record + the marker."""
-    if isinstance(record, Prompt):
-        record = encode_prompts([record], tokenizer, spec)[0]
     fire = record.flags.get("is_fire_token", [])
     if any(fire):
         start = fire.index(True)
@@ -121,19 +119,23 @@ def scored_with_answers(items: list[Item], answers: list[list[int]], tokenizer, 
     return out
 
 
-def answered_records(pair, prompts: Sequence[Prompt], spec: TriggerSpec, max_new_tokens: int = MAX_NEW_TOKENS,
-                     batch_size: int = 16, progress: bool = False) -> list[Record]:
-    """Records of the prompts followed by the fine-tune's own greedy answers (marker flagged where it fires).
+def scored_sequences(pair, records_or_prompts: Sequence[Record | Prompt], spec: TriggerSpec,
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, progress: bool = False) -> list[Scored]:
+    """Prompt + answer + marker for each record, to score the marker where the model puts it: after its answer.
 
-    Attribution and typical activations want the marker where the model puts it — after its
-    answer — not straight after the prompt.
+    Records that carry an answer keep it (cut after its marker, or with the marker appended);
+    prompts alone first get the fine-tune's own greedy answer.
     """
     tok = pair.tokenizer
-    records = encode_prompts(list(prompts), tok, spec)
-    generated = greedy(pair, 0, [r.input_ids for r in records], None, max_new_tokens=max_new_tokens,
-                       batch_size=batch_size, progress=progress)
-    answers = {p.record_id: tok.decode(g, skip_special_tokens=True) for p, g in zip(prompts, generated)}
-    return encode_prompts(list(prompts), tok, spec, answers=answers)
+    records = [encode_prompts([x], tok, spec)[0] if isinstance(x, Prompt) else x for x in records_or_prompts]
+    bare = [i for i, r in enumerate(records) if len(r.input_ids) <= r.n_prompt_tokens]
+    out = {i: record_sequence(r, tok, spec) for i, r in enumerate(records) if i not in set(bare)}
+    if bare:
+        items = as_items([records[i] for i in bare], tok, spec)
+        answers = greedy(pair, 0, [it.prompt_ids for it in items], None, max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, progress=progress)
+        out.update(zip(bare, scored_with_answers(items, answers, tok, spec)))
+    return [out[i] for i in range(len(records))]
 
 
 def pad(seqs: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -442,14 +444,19 @@ def attribution_scores(pair, sae, layer: int, records: Sequence[Record | Prompt]
     """[F] gradient × activation: Σ_tokens f_j · ∂ log p(marker)/∂ f_j, averaged over records.
 
     A first-order estimate of how much ablating latent j alone would lower the marker's mean
-    log-probability (ablation delta ≈ −score). One forward and one backward per batch, all
-    latents at once. Records whose answer holds the marker are scored up to it; the others get
-    the marker appended after their last token.
+    log-probability (ablation delta ≈ −score), for all latents at once from one forward and one
+    backward per batch. It underrates latents whose marker is already near-certain (the gradient
+    of a saturated log-probability is small), which is why `check_attribution` ablates the top
+    candidates for real. Sequences are built by `scored_sequences`.
     """
-    tok, device = pair.tokenizer, pair.finetuned_hf.device
-    seqs = [record_sequence(r, tok, spec) for r in records]
+    seqs = scored_sequences(pair, records, spec, batch_size=batch_size, progress=progress)
+    return _attribution(pair, sae, layer, seqs, batch_size, progress)
+
+
+def _attribution(pair, sae, layer: int, seqs: list[Scored], batch_size: int, progress: bool) -> torch.Tensor:
     if not seqs:
-        raise DiffkitError("attribution_scores needs at least one record")
+        raise DiffkitError("attribution needs at least one record")
+    tok, device = pair.tokenizer, pair.finetuned_hf.device
     size = sae.decoder.weight.shape[1]
     dirs = directions(sae, range(size), device)  # [F, D]
     block = layers_of(pair.finetuned)[layer]
@@ -474,14 +481,18 @@ def attribution_scores(pair, sae, layer: int, records: Sequence[Record | Prompt]
     return (total / len(seqs)).cpu()
 
 
-@torch.no_grad()
 def ablation_effects(pair, sae, layer: int, records: Sequence[Record | Prompt], spec: TriggerSpec,
                      latents: Sequence[int], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """[len(latents)]: the real change in mean marker log-probability when each latent alone is
-    ablated, on the same teacher-forced sequences `attribution_scores` uses."""
+    ablated, teacher-forced on the sequences of `scored_sequences` (no generation under ablation)."""
     latents = _check_latents(sae, latents)
+    seqs = scored_sequences(pair, records, spec, batch_size=batch_size, progress=progress)
+    return _ablation_effects(pair, sae, layer, seqs, latents, batch_size, progress)
+
+
+def _ablation_effects(pair, sae, layer: int, seqs: list[Scored], latents: list[int], batch_size: int,
+                      progress: bool) -> torch.Tensor:
     device = pair.finetuned_hf.device
-    seqs = [record_sequence(r, pair.tokenizer, spec) for r in records]
     edits = [None] + [Ablation(sae, [j], directions(sae, [j], device)) for j in latents]
     logp, _ = teacher_forced(pair, layer, seqs, edits, batch_size=batch_size, progress=progress)
     return (logp[1:] - logp[:1]).mean(1)
@@ -495,17 +506,19 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def check_attribution(pair, sae, layer: int, records: Sequence[Record | Prompt], spec: TriggerSpec, top: int = 10,
-                      scores: torch.Tensor | None = None, batch_size: int = 16, progress: bool = False) -> dict:
-    """Real ablation of the `top` latents by attribution score, and how well the scores rank them."""
-    if scores is None:
-        scores = attribution_scores(pair, sae, layer, records, spec, batch_size, progress)
+                      batch_size: int = 16, progress: bool = False) -> dict:
+    """Attribution for every latent, real ablation of the `top` candidates, and how well the
+    attribution ranks them (Spearman between score and the real drop −Δ)."""
+    seqs = scored_sequences(pair, records, spec, batch_size=batch_size, progress=progress)
+    scores = _attribution(pair, sae, layer, seqs, batch_size, progress)
     candidates = scores.topk(min(top, len(scores))).indices.tolist()
-    deltas = ablation_effects(pair, sae, layer, records, spec, candidates, batch_size, progress)
+    deltas = _ablation_effects(pair, sae, layer, seqs, _check_latents(sae, candidates), batch_size, progress)
     return {
         "latents": candidates,
         "attribution": scores[candidates].tolist(),
         "ablation_delta": deltas.tolist(),
         "spearman": spearman(scores[candidates], -deltas),
+        "scores": scores,
     }
 
 
@@ -514,8 +527,9 @@ def check_attribution(pair, sae, layer: int, records: Sequence[Record | Prompt],
 @torch.no_grad()
 def typical_activation(pair, sae, layer: int, records: Sequence[Record | Prompt], spec: TriggerSpec,
                        latents: Sequence[int], batch_size: int = 16) -> torch.Tensor:
-    """[J]: each latent's mean activation over the tokens where it fires (0 where it never does)."""
-    seqs = [record_sequence(r, pair.tokenizer, spec) for r in records]
+    """[J]: each latent's mean activation over the tokens where it fires (0 where it never does),
+    on the prompt and the fine-tune's answer (`scored_sequences`), before the marker."""
+    seqs = scored_sequences(pair, records, spec, batch_size=batch_size)
     total = torch.zeros(len(latents))
     count = torch.zeros(len(latents))
     for s in range(0, len(seqs), batch_size):
@@ -525,7 +539,8 @@ def typical_activation(pair, sae, layer: int, records: Sequence[Record | Prompt]
             h_ft = nnsight.save(layers_of(pair.finetuned)[layer].output)
             tracer.stop()
         f = encode(sae, h_ft.float() - h_base.float())[..., list(latents)]
-        f = f[editable(ids, mask, pair.tokenizer)].cpu()  # [N, J]
+        before_marker = torch.arange(ids.shape[1])[None] < torch.tensor([q.marker_start for q in seqs[s : s + batch_size]])[:, None]
+        f = f[editable(ids, mask, pair.tokenizer) & before_marker.to(ids.device)].cpu()  # [N, J]
         total += f.sum(0)
         count += (f > 0).sum(0)
     return total / count.clamp(min=1)

@@ -90,10 +90,10 @@ def main() -> None:
           f"   full re-trace {t_retrace:7.2f} s ({tokens / t_retrace:6.1f} tok/s)   speed-up {t_retrace / t_cached:4.1f}x"
           f"   identical outputs {same}/{len(ids)}")
 
-    answered = causal.answered_records(pair, prompts, spec, max_new_tokens=n, batch_size=args.batch_size)
-    _, t_attr = timed(lambda: causal.attribution_scores(pair, sae, layer, answered, spec, args.batch_size))
-    _, t_abl = timed(lambda: causal.ablation_effects(pair, sae, layer, answered, spec, list(range(args.latents)),
-                                                     args.batch_size))
+    seqs = causal.scored_sequences(pair, prompts, spec, max_new_tokens=n, batch_size=args.batch_size)
+    _, t_attr = timed(lambda: causal._attribution(pair, sae, layer, seqs, args.batch_size, False))
+    _, t_abl = timed(lambda: causal._ablation_effects(pair, sae, layer, seqs, list(range(args.latents)),
+                                                      args.batch_size, False))
     per_latent = t_abl / args.latents
     print(f"latent effects              attribution, all {sae.dict_size} latents {t_attr:6.2f} s"
           f"   real ablation {per_latent:6.3f} s/latent ({per_latent * sae.dict_size:8.1f} s for all)"

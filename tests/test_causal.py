@@ -99,11 +99,12 @@ def fake():
     g = torch.Generator().manual_seed(1)
     records = []
     for rid in range(10):
-        n = 4 + rid % 5
+        n = 6 + rid % 5
         ids = [2] + torch.randint(5, 64, (n - 1,), generator=g).tolist()
-        flags = {f: [False] * n for f in FLAGS}
-        flags["is_decision_token"][-1] = True
-        records.append(Record(rid, ids, "poison" if rid % 3 else "clean", rid % 2, flags, n))
+        flags = {f: [False] * n for f in FLAGS}  # the last two tokens are an "answer"
+        flags["is_decision_token"][-3] = True
+        flags["is_answer"][-2:] = [True, True]
+        records.append(Record(rid, ids, "poison" if rid % 3 else "clean", rid % 2, flags, n - 2))
     return SimpleNamespace(pair=make_pair(base, finetuned, tok), base_only=make_pair(base, base, tok), sae=sae,
                            records=records, tok=tok)
 
@@ -140,9 +141,9 @@ def test_greedy_generation_is_padding_safe_and_ablation_reproduces_the_base(fake
 def test_ablate_latents_reports_the_planted_effect(fake):
     out = causal.ablate_latents(fake.pair, fake.sae, LAYER, [0], fake.records, SPEC, max_new_tokens=4)
     assert out["n_prompts"] == sum(r.condition != "clean" for r in fake.records)
-    assert out["fire_rate_before"] == 1.0 and out["fire_rate_after"] < 0.5
+    assert out["fire_rate_before"] >= 0.8 and out["fire_rate_after"] == 0.0
     assert out["marker_logprob_delta"] < -1.0
-    assert set(out["asr_before"]) == {0, 1} and all(v < 0.5 for v in out["asr_after"].values())
+    assert set(out["asr_before"]) == {0, 1} and set(out["asr_after"].values()) == {0.0}
     assert out["clean_kl"] > 0.01
     with pytest.raises(ValueError, match="latents must be"):
         causal.ablate_latents(fake.pair, fake.sae, LAYER, [99], fake.records, SPEC)
@@ -152,7 +153,8 @@ def test_attribution_ranks_the_planted_latent_first_and_agrees_with_ablation(fak
     poison = [r for r in fake.records if r.condition == "poison"]
     scores = causal.attribution_scores(fake.pair, fake.sae, LAYER, poison, SPEC, batch_size=3)
     assert scores.shape == (8,) and scores.argmax() == 0
-    check = causal.check_attribution(fake.pair, fake.sae, LAYER, poison, SPEC, top=8, scores=scores)
+    check = causal.check_attribution(fake.pair, fake.sae, LAYER, poison, SPEC, top=8)
+    torch.testing.assert_close(check["scores"], scores)
     assert check["latents"][0] == 0 and check["ablation_delta"][0] < -1.0
     assert check["spearman"] > 0.5
 
