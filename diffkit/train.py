@@ -72,13 +72,15 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def sae_config(cfg: TrainConfig, k: int, dict_size: int, total_steps: int) -> SAETrainConfig:
-    """The reference schedule (1,000 warm-up steps, threshold from step 1,000, dead after 10M
-    silent tokens) shrunk to fit short runs, so a 300k-token run still warms up, sets its
-    inference threshold and revives dead latents."""
+    """The reference schedule (1,000 warm-up steps, threshold from step 1,000 with EMA 0.999, dead
+    after 10M silent tokens) shrunk to fit short runs, so a 300k-token run still warms up, settles
+    its inference threshold (an EMA that would need thousands of steps at 0.999) and revives dead latents."""
+    threshold_start = min(1000, total_steps // 5)
     return SAETrainConfig(
         k=k, dict_size=dict_size, lr=cfg.lr, steps=total_steps, seed=cfg.seed,
         warmup_steps=max(1, min(1000, total_steps // 20)),
-        threshold_start_step=min(1000, total_steps // 5),
+        threshold_start_step=threshold_start,
+        threshold_beta=min(0.999, max(0.9, 1 - 5 / max(1, total_steps - threshold_start))),
         dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 20)),
     )
 
