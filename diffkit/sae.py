@@ -63,6 +63,9 @@ class BatchTopKSAE(nn.Module):
             w /= w.norm(dim=0, keepdim=True) + torch.finfo(w.dtype).eps
             self.encoder.weight.copy_(w.T)
             self.encoder.bias.zero_()
+            # Same name and [D, F] shape as the reference, stored latent-major: each latent's
+            # direction is one contiguous row of memory, which sparse decoding gathers.
+            self.decoder.weight = nn.Parameter(w.T.contiguous().T)
 
     # -- normalisation -------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ dead-latent counters.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -91,8 +92,16 @@ class SAETrainer:
         if (sae.activation_dim, sae.dict_size, int(sae.k)) != (activation_dim, dict_size, config.k):
             raise DiffkitError("the SAE given to SAETrainer does not match its config")
         self.sae = sae.to(device)
+        decoder = self.sae.decoder
+        if not decoder.weight.T.is_contiguous():  # latent-major, as BatchTopKSAE makes it
+            decoder.weight = torch.nn.Parameter(decoder.weight.detach().T.contiguous().T)
+        # The optimiser updates the decoder through a [F, D] alias of its storage: every tensor it
+        # sees is contiguous, so fused Adam (one pass per tensor, several times faster than the
+        # default on CPU) never copies the decoder back and forth.
+        self.decoder_rows = decoder.weight.detach().T
+        self.params = [self.sae.encoder.weight, self.sae.encoder.bias, self.decoder_rows, self.sae.b_dec]
         self.base_lr = config.resolved_lr(dict_size)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999))
+        self.optimizer = torch.optim.Adam(self.params, lr=self.base_lr, betas=(0.9, 0.999), fused=True)
         self.step_count = 0
         self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.sae.b_dec.device)
         self.k_aux = activation_dim // 2
@@ -110,7 +119,7 @@ class SAETrainer:
         if self.step_count == 0:
             sae.b_dec.copy_(geometric_median(x))
         W_enc, b_enc = sae.encoder.weight, sae.encoder.bias
-        W_dec, b_dec = sae.decoder.weight, sae.b_dec
+        W_dec_rows, b_dec = self.decoder_rows, sae.b_dec
         n_tokens, n_latents = x.shape[0], sae.dict_size
 
         # Encode: the only dense B×F product of the step, then the batch top-k on it.
@@ -122,7 +131,6 @@ class SAETrainer:
         v = pre_sel.clamp_min(0)
 
         # Decode as a weighted bag of decoder rows per token.
-        W_dec_rows = W_dec.T.contiguous()  # [F, D]
         token_offsets = _offsets(rows, n_tokens)
         x_hat = F.embedding_bag(cols, W_dec_rows, token_offsets, mode="sum", per_sample_weights=v) + b_dec
         err = x - x_hat
@@ -135,32 +143,33 @@ class SAETrainer:
         if self.step_count > cfg.threshold_start_step:
             self._update_threshold(v)
 
-        # Gradients of the MSE term on the selected pairs.
+        # Gradients of the MSE term on the selected pairs, regrouped by latent (the order the
+        # weight gradients accumulate in; it also makes the sampled product read contiguous rows).
         g = err * (-2.0 / n_tokens)                           # ∂mse/∂x̂
-        d_v = _sampled_dot(g, W_dec, rows, cols, token_offsets, n_tokens, n_latents)
-        d_pre = d_v * (pre_sel > 0)
-        order = torch.argsort(cols, stable=True)              # regroup the pairs by latent
-        latent_offsets = _offsets(cols[order], n_latents)
+        order = torch.argsort(cols, stable=True)
         rows_by_latent = rows[order]
+        latent_offsets = _offsets(cols[order], n_latents)
+        d_v = _sampled_dot(W_dec_rows, g, latent_offsets, rows_by_latent, n_tokens)
+        d_pre = d_v * (pre_sel[order] > 0)
         grad_W_dec_rows = F.embedding_bag(rows_by_latent, g, latent_offsets, mode="sum", per_sample_weights=v[order])
-        grad_W_enc = F.embedding_bag(rows_by_latent, x_centred, latent_offsets, mode="sum", per_sample_weights=d_pre[order])
-        grad_b_enc = torch.zeros_like(b_enc).index_add_(0, cols, d_pre)
-        grad_W_dec = grad_W_dec_rows.T.contiguous()
+        grad_W_enc = F.embedding_bag(rows_by_latent, x_centred, latent_offsets, mode="sum", per_sample_weights=d_pre)
+        grad_b_enc = torch.zeros_like(b_enc).index_add_(0, cols[order], d_pre)
 
-        auxk = self._auxk(err, pre, x_centred, W_dec, grad_W_dec, grad_W_enc, grad_b_enc)
+        auxk = self._auxk(err, pre, x_centred, W_dec_rows, grad_W_dec_rows, grad_W_enc, grad_b_enc)
         grad_b_dec = g.sum(0) - grad_b_enc @ W_enc
 
-        # Constrained Adam step: no gradient along decoder columns, clipped norm, unit columns after.
-        unit_cols = W_dec / (W_dec.norm(dim=0, keepdim=True) + 1e-6)
-        grad_W_dec -= (grad_W_dec * unit_cols).sum(0, keepdim=True) * unit_cols
-        for param, grad in ((W_enc, grad_W_enc), (b_enc, grad_b_enc), (W_dec, grad_W_dec), (b_dec, grad_b_dec)):
+        # Constrained Adam step: no gradient along decoder directions, clipped norm, unit directions after.
+        parallel = torch.bmm(grad_W_dec_rows.unsqueeze(1), W_dec_rows.unsqueeze(2)).view(-1)
+        parallel /= (W_dec_rows.norm(dim=1) + 1e-6) ** 2
+        grad_W_dec_rows.addcmul_(parallel[:, None], W_dec_rows, value=-1)
+        for param, grad in zip(self.params, (grad_W_enc, grad_b_enc, grad_W_dec_rows, grad_b_dec)):
             param.grad = grad
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * cfg.lr_factor(self.step_count)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        W_dec /= W_dec.norm(dim=0, keepdim=True) + torch.finfo(W_dec.dtype).eps
+        W_dec_rows /= W_dec_rows.norm(dim=1, keepdim=True) + torch.finfo(W_dec_rows.dtype).eps
         self.step_count += 1
 
         total_var = (x - x.mean(0)).pow(2).sum()
@@ -178,7 +187,7 @@ class SAETrainer:
         beta = self.config.threshold_beta
         thr.copy_(torch.where(thr < 0, smallest, beta * thr + (1 - beta) * smallest))
 
-    def _auxk(self, err, pre, x_centred, W_dec, grad_W_dec, grad_W_enc, grad_b_enc) -> torch.Tensor:
+    def _auxk(self, err, pre, x_centred, W_dec_rows, grad_W_dec_rows, grad_W_enc, grad_b_enc) -> torch.Tensor:
         """Aux-k: reconstruct the (detached) residual from the top `D/2` dead latents of each token,
         normalised by the residual's variance; adds its gradients in place. Returns the loss term."""
         dead = (self.tokens_since_fired >= self.config.dead_tokens).nonzero().squeeze(1)
@@ -190,20 +199,27 @@ class SAETrainer:
         dead_acts = pre[:, dead].clamp_min(0)
         top = dead_acts.topk(k_aux, dim=1, sorted=False)
         codes = torch.zeros_like(dead_acts).scatter_(1, top.indices, top.values)
-        W_dead = W_dec[:, dead]
-        residual = err - codes @ W_dead.T
+        W_dead = W_dec_rows[dead]
+        residual = err - codes @ W_dead
         denom = (err - err.mean(0)).pow(2).sum(1).mean()
         auxk = residual.pow(2).sum(1).mean() / denom
         if not torch.isfinite(auxk):
             return torch.zeros((), device=err.device)
         h = residual * (-2.0 * alpha / (n_tokens * denom))    # ∂(α·auxk)/∂(aux reconstruction)
-        grad_W_dec[:, dead] += h.T @ codes
-        d_pre = (h @ W_dead) * (codes > 0)
+        grad_W_dec_rows[dead] += codes.T @ h
+        d_pre = (h @ W_dead.T) * (codes > 0)
         grad_W_enc[dead] += d_pre.T @ x_centred
         grad_b_enc[dead] += d_pre.sum(0)
         return auxk
 
     # -- checkpoints -----------------------------------------------------------------------------
+
+    def __deepcopy__(self, memo) -> "SAETrainer":
+        """A copy trains exactly like the original (a plain deepcopy would cut the decoder alias)."""
+        sae = copy.deepcopy(self.sae, memo)
+        clone = SAETrainer(sae.activation_dim, copy.deepcopy(self.config), sae.b_dec.device, sae)
+        clone.load_state_dict(copy.deepcopy(self.state_dict(), memo))
+        return clone
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit (the SAE includes its threshold)."""
@@ -228,15 +244,15 @@ def _offsets(sorted_ids: torch.Tensor, n_groups: int) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def _sampled_dot(g, W_dec, rows, cols, token_offsets, n_tokens, n_latents) -> torch.Tensor:
-    """`(g @ W_dec)[rows, cols]` without forming the B×F product."""
-    crow = torch.cat([token_offsets, token_offsets.new_tensor([rows.numel()])])
+def _sampled_dot(W_dec_rows, g, latent_offsets, rows_by_latent, n_tokens) -> torch.Tensor:
+    """`W_dec_rows[c] · g[r]` for every selected pair, in latent-major order, without forming B×F."""
+    crow = torch.cat([latent_offsets, latent_offsets.new_tensor([rows_by_latent.numel()])])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sparse CSR is marked beta
         pattern = torch.sparse_csr_tensor(
-            crow, cols, g.new_ones(cols.numel()), (n_tokens, n_latents), check_invariants=False
+            crow, rows_by_latent, g.new_ones(rows_by_latent.numel()), (W_dec_rows.shape[0], n_tokens), check_invariants=False
         )
-        return torch.sparse.sampled_addmm(pattern, g, W_dec, beta=0.0).values()
+        return torch.sparse.sampled_addmm(pattern, W_dec_rows, g.T, beta=0.0).values()
 
 
 def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
