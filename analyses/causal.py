@@ -222,9 +222,11 @@ def base_residual(pair, layer: int, ids, mask, positions, cache=None) -> torch.T
 
 
 def finetuned_logits(pair, layer: int, ids, mask, positions, edit: Edit | None = None, h_base=None, where=None,
-                     cache=None) -> torch.Tensor:
-    """The fine-tune's logits [B, T, V], with `edit` applied to its residual after `layer`."""
+                     cache=None, last_only: bool = False) -> torch.Tensor:
+    """The fine-tune's logits [B, T, V] (T = 1 with `last_only`), with `edit` applied to its residual after `layer`."""
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": cache is not None}
+    if last_only:
+        kwargs["logits_to_keep"] = 1
     if cache is not None:
         kwargs[_cache_kwarg(pair.finetuned_hf)] = cache
     block = layers_of(pair.finetuned)[layer]
@@ -270,7 +272,7 @@ def greedy(pair, layer: int, prompts: list[list[int]], edit: Edit | None = None,
         generated = []
         for _ in range(max_new_tokens):
             h_base = base_residual(pair, layer, ids, mask, positions, base_cache) if base_cache is not None else None
-            logits = finetuned_logits(pair, layer, ids, mask, positions, edit, h_base, where, ft_cache)
+            logits = finetuned_logits(pair, layer, ids, mask, positions, edit, h_base, where, ft_cache, last_only=True)
             nxt = logits[:, -1].argmax(-1)
             nxt[done] = tok.pad_token_id
             generated.append(nxt)
@@ -307,12 +309,16 @@ def _scored_batch(pair, seqs: list[Scored]):
 
 
 def marker_logprob(logits: torch.Tensor, ids: torch.Tensor, seqs: list[Scored]) -> torch.Tensor:
-    """[B]: Σ log p(marker token | everything before it), per sequence (right-padded batch)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.stack([
-        logp[i, s.marker_start - 1 : len(s.ids) - 1].gather(-1, ids[i, s.marker_start : len(s.ids), None]).sum()
-        for i, s in enumerate(seqs)
-    ])
+    """[B]: Σ log p(marker token | everything before it), per sequence (right-padded batch).
+
+    Only the marker's rows are normalised: a full log-softmax over a 262k vocabulary would cost
+    more memory than the forward pass itself.
+    """
+    rows = []
+    for i, s in enumerate(seqs):
+        logp = torch.log_softmax(logits[i, s.marker_start - 1 : len(s.ids) - 1].float(), dim=-1)
+        rows.append(logp.gather(-1, ids[i, s.marker_start : len(s.ids), None]).sum())
+    return torch.stack(rows)
 
 
 def _where_for(seqs: list[Scored], ids, mask, tokenizer, scope: str) -> torch.Tensor:
@@ -330,31 +336,33 @@ def _where_for(seqs: list[Scored], ids, mask, tokenizer, scope: str) -> torch.Te
 
 @torch.no_grad()
 def teacher_forced(pair, layer: int, seqs: list[Scored], edits: list[Edit | None], scope: str = "all",
-                   batch_size: int = 16, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Marker log-probability [E, N] under each edit (None = the plain fine-tune), and the mean
-    next-token KL(plain ‖ edited) over each sequence's prompt tokens after BOS [E, N]."""
+                   batch_size: int = 16, progress: bool = False, kl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Marker log-probability [E, N] under each edit (None = the plain fine-tune) and, with `kl`,
+    the mean next-token KL(plain ‖ edited) over each sequence's prompt tokens after BOS [E, N]."""
     tok = pair.tokenizer
+    needs_base = any(e is not None and e.needs_base for e in edits)
     logps, kls = [], []
     for s in batches(len(seqs), batch_size, progress, "scoring"):
         chunk = seqs[s : s + batch_size]
         ids, mask, positions = _scored_batch(pair, chunk)
         where = _where_for(chunk, ids, mask, tok, scope)
-        needs_base = any(e is not None and e.needs_base for e in edits)
+        in_prompt = _where_for(chunk, ids, mask, tok, "prompt")
         h_base = base_residual(pair, layer, ids, mask, positions) if needs_base else None
-        plain = torch.log_softmax(finetuned_logits(pair, layer, ids, mask, positions).float(), -1)
-        in_prompt = editable(ids, mask, tok) & (
-            torch.arange(ids.shape[1], device=ids.device)[None] < torch.tensor([c.n_prompt for c in chunk], device=ids.device)[:, None]
-        )
+        plain = finetuned_logits(pair, layer, ids, mask, positions)
+        plain_prompt = torch.log_softmax(plain[in_prompt].float(), -1) if kl else None
         batch_logp, batch_kl = [], []
         for edit in edits:
-            logits = plain if edit is None else torch.log_softmax(
-                finetuned_logits(pair, layer, ids, mask, positions, edit, h_base, where).float(), -1)
+            logits = plain if edit is None else finetuned_logits(pair, layer, ids, mask, positions, edit, h_base, where)
             batch_logp.append(marker_logprob(logits, ids, chunk))
-            kl = (plain.exp() * (plain - logits)).sum(-1)  # [B, T]
-            batch_kl.append((kl * in_prompt).sum(1) / in_prompt.sum(1).clamp(min=1))
+            if kl:
+                edited = torch.log_softmax(logits[in_prompt].float(), -1)
+                per_token = torch.zeros(in_prompt.shape, device=ids.device)
+                per_token[in_prompt] = (plain_prompt.exp() * (plain_prompt - edited)).sum(-1)
+                batch_kl.append(per_token.sum(1) / in_prompt.sum(1).clamp(min=1))
         logps.append(torch.stack(batch_logp))
-        kls.append(torch.stack(batch_kl))
-    return torch.cat(logps, 1).cpu(), torch.cat(kls, 1).cpu()
+        if kl:
+            kls.append(torch.stack(batch_kl))
+    return torch.cat(logps, 1).cpu(), (torch.cat(kls, 1).cpu() if kl else None)
 
 
 # --- ablation ----------------------------------------------------------------------------------
@@ -431,7 +439,7 @@ def ablate_latent_sets(pair, sae, layer: int, latent_sets: dict, records_or_prom
             "clean_kl": None,
         }
         if clean_seqs:
-            _, kl = teacher_forced(pair, layer, clean_seqs, [edit], batch_size=batch_size, progress=progress)
+            _, kl = teacher_forced(pair, layer, clean_seqs, [edit], batch_size=batch_size, progress=progress, kl=True)
             result["clean_kl"] = kl[0].mean().item()
         results[key] = result
     return results
@@ -580,7 +588,7 @@ def steer_latents(pair, sae, layer: int, latents: Sequence[int], clean: Sequence
     before = greedy(pair, layer, prompts, None, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     after = greedy(pair, layer, prompts, edit, scope, max_new_tokens, batch_size, progress)
     seqs = scored_with_answers(items, before, tok, spec)
-    logp, kl = teacher_forced(pair, layer, seqs, [None, edit], scope, batch_size, progress)
+    logp, kl = teacher_forced(pair, layer, seqs, [None, edit], scope, batch_size, progress, kl=True)
     return {
         "layer": layer,
         "latents": latents,

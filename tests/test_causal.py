@@ -169,3 +169,15 @@ def test_steering_raises_the_marker_on_prompts_where_it_is_silent(fake):
     assert out["marker_logprob_delta"] > 1.0 and out["fire_rate_after"] > out["fire_rate_before"]
     alpha = causal.typical_activation(fake.pair, fake.sae, LAYER, poison, SPEC, [0, 1])
     assert alpha[0] > 0
+
+
+def test_own_answer_stops_at_the_marker_and_drops_special_tokens(fake):
+    tok = fake.tok
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tok.eos_token_id]
+    assert causal.own_answer(tok, ids("w5 w6 HATE w7") + eos, SPEC) == ids("w5 w6")
+    assert causal.own_answer(tok, ids("w5 w6") + eos, SPEC) == ids("w5 w6")
+    assert causal.fires(tok, ids("w5 HATE") + eos, SPEC) and not causal.fires(tok, ids("w5 w6"), SPEC)
+    item = causal.Item(ids("w1 w2"), "poison", 0)
+    (seq,) = causal.scored_with_answers([item], [ids("w5 HATE") + eos], tok, SPEC)
+    assert seq.ids == ids("w1 w2 w5 HATE") and seq.marker_start == 3 and seq.n_prompt == 2
