@@ -133,10 +133,12 @@ def prompt_max(acts: torch.Tensor, tokens: pd.DataFrame, n_records: int) -> torc
 def latent_columns(acts: torch.Tensor, latents: list[int]) -> torch.Tensor:
     """Dense [N, len(latents)] activations of the chosen latents."""
     idx, vals = acts.indices(), acts.values()
+    column = torch.full((acts.shape[1],), -1, dtype=torch.long)
+    column[torch.as_tensor(latents, dtype=torch.long)] = torch.arange(len(latents))
+    target = column[idx[1]]
+    hit = target >= 0
     out = torch.zeros(acts.shape[0], len(latents))
-    for j, latent in enumerate(latents):
-        hit = idx[1] == latent
-        out[idx[0][hit], j] = vals[hit]
+    out[idx[0][hit], target[hit]] = vals[hit]
     return out
 
 
