@@ -418,30 +418,30 @@ def ablate_latent_sets(pair, sae, layer: int, latent_sets: dict, records_or_prom
     seqs = scored_with_answers(targets, before, tok, spec)
     mark = marker_ids(tok, spec)
     clean_seqs = [Scored(i.prompt_ids + mark, len(i.prompt_ids), len(i.prompt_ids)) for i in clean]
+    edits = {key: Ablation(sae, latents, directions(sae, latents, device)) for key, latents in sets.items()}
+    logp, _ = teacher_forced(pair, layer, seqs, [None, *edits.values()], batch_size=batch_size, progress=progress)
+    kl = None
+    if clean_seqs:
+        _, kl = teacher_forced(pair, layer, clean_seqs, list(edits.values()), batch_size=batch_size,
+                               progress=progress, kl=True)
     results = {}
-    for key, latents in sets.items():
-        edit = Ablation(sae, latents, directions(sae, latents, device))
+    for e, (key, edit) in enumerate(edits.items()):
         after = greedy(pair, layer, prompts, edit, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress)
         fired_after = [fires(tok, g, spec) for g in after]
-        logp, _ = teacher_forced(pair, layer, seqs, [None, edit], batch_size=batch_size, progress=progress)
-        result = {
+        results[key] = {
             "layer": layer,
-            "latents": latents,
+            "latents": sets[key],
             "n_prompts": len(targets),
             "marker_logprob_before": logp[0].mean().item(),
-            "marker_logprob_after": logp[1].mean().item(),
-            "marker_logprob_delta": (logp[1] - logp[0]).mean().item(),
+            "marker_logprob_after": logp[e + 1].mean().item(),
+            "marker_logprob_delta": (logp[e + 1] - logp[0]).mean().item(),
             "fire_rate_before": sum(fired_before) / len(targets),
             "fire_rate_after": sum(fired_after) / len(targets),
             "asr_before": _rates(fired_before, targets),
             "asr_after": _rates(fired_after, targets),
-            "clean_kl": None,
+            "clean_kl": None if kl is None else kl[e].mean().item(),
         }
-        if clean_seqs:
-            _, kl = teacher_forced(pair, layer, clean_seqs, [edit], batch_size=batch_size, progress=progress, kl=True)
-            result["clean_kl"] = kl[0].mean().item()
-        results[key] = result
     return results
 
 
