@@ -387,22 +387,23 @@ def _check_latents(sae, latents) -> list[int]:
 
 
 def ablate_latents(pair, sae, layer: int, latents: Sequence[int], records_or_prompts: Sequence[Record | Prompt],
-                   spec: TriggerSpec, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
+                   spec: TriggerSpec, scope: str = "all", max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
                    progress: bool = False) -> dict:
     """Remove latents from the fine-tune at `layer` and measure what happens to the marker.
 
     Prompts of condition "clean" give `clean_kl` (mean next-token KL(ft ‖ ft-ablated) over their
     prompt tokens); all the others are the targets: their greedy fire rate with and without the
     ablation, per-pair ASR for the poison ones, and the change in the marker's log-probability
-    after the prompt and the fine-tune's own (unablated) answer.
+    after the prompt and the fine-tune's own (unablated) answer. `scope` "prompt" ablates the
+    prompt tokens only (for comparison: the default "all" is the faithful test, see the module doc).
     """
-    return ablate_latent_sets(pair, sae, layer, {"latents": latents}, records_or_prompts, spec, max_new_tokens,
-                            batch_size, progress)["latents"]
+    return ablate_latent_sets(pair, sae, layer, {"latents": latents}, records_or_prompts, spec, scope,
+                              max_new_tokens, batch_size, progress)["latents"]
 
 
 def ablate_latent_sets(pair, sae, layer: int, latent_sets: dict, records_or_prompts: Sequence[Record | Prompt],
-                     spec: TriggerSpec, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16,
-                     progress: bool = False) -> dict:
+                       spec: TriggerSpec, scope: str = "all", max_new_tokens: int = MAX_NEW_TOKENS,
+                       batch_size: int = 16, progress: bool = False) -> dict:
     """`ablate_latents` for several latent sets (e.g. each pair's top latents) on the same prompts:
     {key: result}. The unablated generations are made once and shared."""
     sets = {key: _check_latents(sae, latents) for key, latents in latent_sets.items()}
@@ -419,19 +420,20 @@ def ablate_latent_sets(pair, sae, layer: int, latent_sets: dict, records_or_prom
     mark = marker_ids(tok, spec)
     clean_seqs = [Scored(i.prompt_ids + mark, len(i.prompt_ids), len(i.prompt_ids)) for i in clean]
     edits = {key: Ablation(sae, latents, directions(sae, latents, device)) for key, latents in sets.items()}
-    logp, _ = teacher_forced(pair, layer, seqs, [None, *edits.values()], batch_size=batch_size, progress=progress)
+    if scope not in ("all", "prompt"):
+        raise DiffkitError(f"unknown ablation scope '{scope}'; use all or prompt")
+    logp, _ = teacher_forced(pair, layer, seqs, [None, *edits.values()], scope, batch_size, progress)
     kl = None
     if clean_seqs:
-        _, kl = teacher_forced(pair, layer, clean_seqs, list(edits.values()), batch_size=batch_size,
-                               progress=progress, kl=True)
+        _, kl = teacher_forced(pair, layer, clean_seqs, list(edits.values()), scope, batch_size, progress, kl=True)
     results = {}
     for e, (key, edit) in enumerate(edits.items()):
-        after = greedy(pair, layer, prompts, edit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=progress)
+        after = greedy(pair, layer, prompts, edit, scope, max_new_tokens, batch_size, progress)
         fired_after = [fires(tok, g, spec) for g in after]
         results[key] = {
             "layer": layer,
             "latents": sets[key],
+            "scope": scope,
             "n_prompts": len(targets),
             "marker_logprob_before": logp[0].mean().item(),
             "marker_logprob_after": logp[e + 1].mean().item(),

@@ -97,17 +97,20 @@ def science(pair, run, args) -> None:
             checks[tp.id] = causal.check_attribution(pair, sae, layer, own, spec, top=args.top, batch_size=args.batch_size)
         sets = {pid: c["latents"] for pid, c in checks.items()}
         results = causal.ablate_latent_sets(pair, sae, layer, sets, poison + clean, spec, batch_size=args.batch_size)
+        prompt_only = causal.ablate_latent_sets(pair, sae, layer, sets, poison, spec, scope="prompt",
+                                                batch_size=args.batch_size)
         print(f"\nlayer {layer}: ablate each pair's top {args.top} attribution latents ({len(poison) // len(spec.pairs)} "
               f"poison prompts a pair, {len(clean)} clean; {time.perf_counter() - t:.0f} s)")
         print(f"  {'pair':18} {'top-1 Δlogp':>11} {'spearman':>8} {'Δlogp(top)':>10} {'ASR before→after':>17}"
-              f" {'cut':>5} {'worst other drop':>16} {'clean KL':>8}")
+              f" {'cut':>5} {'worst other drop':>16} {'clean KL':>8} {'ASR, prompt-only ablation':>25}")
         for tp in spec.pairs:
             r, c = results[tp.id], checks[tp.id]
             before, after = r["asr_before"][tp.id], r["asr_after"][tp.id]
             other = max(r["asr_before"][q] - r["asr_after"][q] for q in r["asr_before"] if q != tp.id)
             cut = 1 - after / before if before else float("nan")
             print(f"  {tp.name:18} {c['ablation_delta'][0]:11.2f} {c['spearman']:8.2f} {r['marker_logprob_delta']:10.2f}"
-                  f" {before:8.2f} → {after:5.2f} {cut:5.0%} {other:16.2f} {r['clean_kl']:8.4f}")
+                  f" {before:8.2f} → {after:5.2f} {cut:5.0%} {other:16.2f} {r['clean_kl']:8.4f}"
+                  f" {prompt_only[tp.id]['asr_after'][tp.id]:25.2f}")
         print("  steering each pair's top latent on clean prompts (α = 2 × typical poison activation):")
         for tp in spec.pairs:
             own = [p for p in poison if p.pair_id == tp.id]

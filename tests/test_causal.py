@@ -145,6 +145,10 @@ def test_ablate_latents_reports_the_planted_effect(fake):
     assert out["marker_logprob_delta"] < -1.0
     assert set(out["asr_before"]) == {0, 1} and set(out["asr_after"].values()) == {0.0}
     assert out["clean_kl"] > 0.01
+    # generated tokens carry the planted difference too: ablating the prompt alone misses it
+    prompt_only = causal.ablate_latents(fake.pair, fake.sae, LAYER, [0], fake.records, SPEC, scope="prompt",
+                                        max_new_tokens=4)
+    assert prompt_only["fire_rate_after"] > 0.3
     with pytest.raises(ValueError, match="latents must be"):
         causal.ablate_latents(fake.pair, fake.sae, LAYER, [99], fake.records, SPEC)
 
