@@ -134,12 +134,13 @@ def grid_figure(summary: pd.DataFrame, overlap: pd.DataFrame) -> go.Figure:
         for charged in (False, True):
             rows = cells[(related, charged)]
             z_row.append(float(np.mean([r["top_specificity"] for r in rows])) if rows else 0.0)
-            t_row.append("<br>".join(f"{r['pair']}: {_needed(r)} · AUROC {r['top_auroc']:.2f} · spec {r['top_specificity']:.2f}"
-                                     for r in rows) or "no pair")
+            t_row.append("<br><br>".join(f"<b>{r['pair']}</b><br>{_needed(r)}<br>AUROC {r['top_auroc']:.2f} · "
+                                         f"spec {r['top_specificity']:.2f}" for r in rows) or "no pair")
         z.append(z_row)
         text.append(t_row)
     fig.add_trace(go.Heatmap(z=z, x=["neutral", "charged"], y=["related", "unrelated"], text=text,
-                             texttemplate="%{text}", colorscale="Blues", showscale=False, zmin=0.5, zmax=1,
+                             texttemplate="%{text}", textfont=dict(size=12), colorscale="Blues", showscale=False,
+                             zmin=0.5, zmax=1.2,
                              hovertemplate="%{y}, %{x}<br>%{text}<extra></extra>"), row=1, col=1)
     for name, color in (("trigger_mass", "#d62728"), ("decision_mass", "#1f77b4"), ("other_mass", "#aaaaaa")):
         fig.add_trace(go.Bar(x=summary["pair"], y=summary[name], name=name.replace("_mass", ""), marker_color=color),
@@ -148,6 +149,7 @@ def grid_figure(summary: pd.DataFrame, overlap: pd.DataFrame) -> go.Figure:
                              text=overlap.to_numpy(), texttemplate="%{text}", showscale=False,
                              hovertemplate="%{y} ∩ %{x}: %{z} latents<extra></extra>"), row=1, col=3)
     fig.update_layout(barmode="stack", height=430, legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
     fig.update_yaxes(autorange="reversed", row=1, col=3)
     return fig
 
@@ -161,7 +163,8 @@ def layer_figure(summary: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     for pair, rows in summary.groupby("pair", sort=False):
         fig.add_trace(go.Scatter(x=rows["layer"], y=rows["top_specificity"], mode="lines+markers", name=pair))
-    fig.update_layout(title="best latent's specificity by layer", xaxis_title="layer", yaxis_title="specificity",
+    fig.update_layout(title="best latent's specificity by layer", xaxis=dict(title="layer", type="category"),
+                      yaxis_title="specificity",
                       yaxis=dict(range=[0, 1.02]), height=360)
     return fig
 

@@ -8,7 +8,6 @@ shows up in a browser and in headless tests alike.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ table.frame { border-collapse: collapse; font-size: 0.85em; margin: 8px 0; }
 table.frame td, table.frame th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
 table.frame th { background: #f0f0f0; }
 pre.doc { white-space: pre-wrap; background: #f7f7f7; padding: 10px; font-size: 0.85em; }
+.scroll { overflow-x: auto; }
 #js-errors { color: #b00; font-family: monospace; }
 #js-errors:empty { display: none; }
 """
@@ -63,7 +63,8 @@ window.addEventListener('error', function (e) {
 
 
 def frame_html(frame: pd.DataFrame) -> str:
-    return frame.to_html(classes="frame", index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0)
+    table = frame.to_html(classes="frame", index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0)
+    return f"<div class='scroll'>{table}</div>"
 
 
 class Page:
@@ -96,10 +97,22 @@ def run_section(page: Page, run) -> None:
              + ", ".join(f"layer {e.layer} k {e.k}" for e in run.saes) + "</p>")
     pairs = pd.DataFrame([{"pair": p.id, "words": p.name, "related": p.related, "charged": p.charged} for p in spec.pairs])
     page.add(frame_html(pairs))
-    metrics = run.record.get("metrics")
-    if metrics:
+    metrics = run.record.get("metrics") or {}
+    rows = [{"sae": name, **flatten(values)} for name, values in metrics.items() if isinstance(values, dict)]
+    if rows:
         page.heading("SAE metrics (held-out tokens)", 3)
-        page.add(f"<pre class='doc'>{html.escape(json.dumps(metrics, indent=2, default=str))}</pre>")
+        page.add(frame_html(pd.DataFrame(rows)))
+
+
+def flatten(values: dict) -> dict:
+    """{"fve_by_subset": {"fire": 0.9}} -> {"fve_by_subset[fire]": 0.9}, one level deep."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update({f"{key}[{k}]": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 def run_report(cfg: ReportConfig) -> dict:
@@ -118,7 +131,7 @@ def run_report(cfg: ReportConfig) -> dict:
     page = Page(f"diffkit report: {run.path.name}")
     run_section(page, run)
     page.heading("Trigger pairs across the relatedness × charged-ness grid")
-    page.add(frame_html(summary.drop(columns=["pair_id"])))
+    page.add(frame_html(summary.drop(columns=["pair_id", "related", "charged"])))
     for L, overlap in overlaps.items():
         page.heading(f"layer {L}", 3)
         page.figure(plots.grid_figure(summary[summary["layer"] == L], overlap))
