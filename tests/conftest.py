@@ -26,3 +26,16 @@ def toy_organism(tmp_path_factory):
             os.environ.pop("DIFFKIT_CACHE", None)
         else:
             os.environ["DIFFKIT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def toy_run(toy_organism, tmp_path_factory):
+    """A run trained on the toy organism (both preset layers, k 8 and 16), shared by the analyses tests."""
+    from diffkit.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs")
+    summary = train(TrainConfig(preset="toy", k=[8, 16], tokens=49_152, batch_size=512, buffer_tokens=8192,
+                                trace_batch=16, eval_tokens=4096, answered_prompts=56, out=str(out), json=True))
+    from pathlib import Path
+
+    return Path(summary["run"])
