@@ -65,7 +65,7 @@ def bare_forward_tokens_per_s(pair, stream, layers, tokens: int) -> float:
 
 
 def bench_config(args, tokens: int, out: str) -> TrainConfig:
-    return TrainConfig(preset=args.preset, layers=args.layers, k=args.k, tokens=tokens, out=out, name="bench",
+    return TrainConfig(preset=args.preset, base=args.base, finetuned=args.finetuned, layers=args.layers, k=args.k, tokens=tokens, out=out, name="bench",
                        device=args.device, dtype=args.dtype, answered_prompts=0, eval_tokens=2048, json=True,
                        trace_batch=args.trace_batch, buffer_tokens=args.buffer_tokens)
 
@@ -97,6 +97,8 @@ def sae_bytes(args, d: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gemma3-270m")
+    ap.add_argument("--base", default=None, help="override the preset's base model")
+    ap.add_argument("--finetuned", default=None, help="override the preset's fine-tuned model")
     ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[9, 16])
     ap.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     ap.add_argument("--tokens", type=int, default=131_072)
@@ -109,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = resolve_device(args.device)
-    spec = load_spec(args.preset)
+    spec = load_spec(args.preset).with_models(args.base, args.finetuned)
     pair = load_pair(spec.base, spec.finetuned, dtype=pick_dtype(args.dtype, device), device=device)
     stream = RecordStream(spec, pair.tokenizer, seed=0, max_len=128, null_fraction=0.5, answered=[], batch_size=args.trace_batch)
     print(f"# {args.preset}: layers {args.layers}, k {args.k}, {args.tokens} tokens, device {device}, "
