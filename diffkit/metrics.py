@@ -31,9 +31,9 @@ class _VarianceSums:
     def add(self, x: torch.Tensor, e: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
-        x, e = x.double().cpu(), e.double().cpu()
+        x, e = x.double(), e.double()
         self.n += x.shape[0]
-        self.sums += torch.stack([x.sum(0), x.pow(2).sum(0), e.sum(0), e.pow(2).sum(0)])
+        self.sums += torch.stack([x.sum(0), x.pow(2).sum(0), e.sum(0), e.pow(2).sum(0)]).cpu()
 
     def fve(self) -> float | None:
         if self.n < 2:

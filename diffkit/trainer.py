@@ -125,7 +125,7 @@ class SAETrainer:
         # Encode: the only dense B×F product of the step, then the batch top-k on it.
         x_centred = x - b_dec
         pre = torch.addmm(b_enc, x_centred, W_enc.T)
-        flat_idx = batch_topk_indices(pre, int(sae.k) * n_tokens)  # ascending: grouped by token
+        flat_idx = batch_topk_indices(pre, cfg.k * n_tokens)  # ascending: grouped by token
         rows, cols = flat_idx // n_latents, flat_idx % n_latents
         pre_sel = pre.view(-1)[flat_idx]
         v = pre_sel.clamp_min(0)
@@ -134,7 +134,7 @@ class SAETrainer:
         token_offsets = _offsets(rows, n_tokens)
         x_hat = F.embedding_bag(cols, W_dec_rows, token_offsets, mode="sum", per_sample_weights=v) + b_dec
         err = x - x_hat
-        mse = err.pow(2).sum(1).mean()
+        mse = torch.linalg.vector_norm(err) ** 2 / n_tokens
 
         # Dead-latent bookkeeping (before aux-k, as in the reference trainer).
         fired = torch.zeros(n_latents, device=x.device).index_add_(0, cols, (v > 0).float()) > 0
@@ -146,7 +146,9 @@ class SAETrainer:
         # Gradients of the MSE term on the selected pairs, regrouped by latent (the order the
         # weight gradients accumulate in; it also makes the sampled product read contiguous rows).
         g = err * (-2.0 / n_tokens)                           # ∂mse/∂x̂
-        order = torch.argsort(cols, stable=True)
+        # Sorting a [1, n] view takes the comparison sort: torch's parallel radix sort for 1-D
+        # integers is faster on an idle CPU but stalls for hundreds of ms on a busy one.
+        order = torch.argsort(cols.view(1, -1), dim=1, stable=True).view(-1)
         rows_by_latent = rows[order]
         latent_offsets = _offsets(cols[order], n_latents)
         d_v = _sampled_dot(W_dec_rows, g, latent_offsets, rows_by_latent, n_tokens)
@@ -172,8 +174,7 @@ class SAETrainer:
         W_dec_rows /= W_dec_rows.norm(dim=1, keepdim=True) + torch.finfo(W_dec_rows.dtype).eps
         self.step_count += 1
 
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fve = 1 - (err - err.mean(0)).pow(2).sum() / total_var
+        fve = 1 - err.var(0).sum() / x.var(0).sum()
         l0 = (v > 0).sum() / n_tokens
         loss = mse + cfg.auxk_alpha * auxk
         values = torch.stack([loss, mse, auxk, fve, l0.float()]).tolist()
