@@ -88,9 +88,9 @@ class BatchTopKSAE(nn.Module):
         if use_threshold and self.threshold >= 0:
             return a * (a > self.threshold)
         flat_a = a.reshape(-1, self.dict_size)
-        idx = batch_topk_indices(flat_a, int(self.k) * flat_a.shape[0])
+        idx, values = batch_topk(flat_a, int(self.k) * flat_a.shape[0])
         f = torch.zeros_like(flat_a).view(-1)
-        f[idx] = flat_a.view(-1)[idx]
+        f[idx] = values
         return f.view_as(a)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
@@ -124,8 +124,8 @@ class BatchTopKSAE(nn.Module):
         }
 
 
-def batch_topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Ascending flat indices of the `n_keep` largest entries of `scores` (2-D).
+def batch_topk(scores: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending flat indices of the `n_keep` largest entries of `scores` (2-D), and their values.
 
     A full top-k over B×F values is the slowest part of a CPU training step, so this first reads
     a lower bound for the cut from a strided sample, keeps the (few) entries above it, and runs
@@ -135,7 +135,7 @@ def batch_topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     flat = scores.reshape(-1)
     n = flat.numel()
     if n_keep >= n:
-        return torch.arange(n, device=flat.device)
+        return torch.arange(n, device=flat.device), flat
     stride = 61  # prime, so a sample does not keep hitting the same latents row after row
     n_sample_keep = math.ceil(n_keep / stride * 1.15) + 32
     if n_keep >= 2048 * stride and n_sample_keep < n // stride:
@@ -143,11 +143,12 @@ def batch_topk_indices(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
         candidates = (flat >= lower).nonzero().squeeze(1)
         if candidates.numel() >= n_keep:
             values = flat[candidates]
-            cut = values.topk(n_keep, sorted=False).values.min()
-            kept = candidates[values >= cut]
+            keep = values >= values.topk(n_keep, sorted=False).values.min()
+            kept = candidates[keep]
             if kept.numel() == n_keep:
-                return kept
-    return flat.topk(n_keep, sorted=False).indices.sort().values
+                return kept, values[keep]
+    indices = flat.topk(n_keep, sorted=False).indices.sort().values
+    return indices, flat[indices]
 
 
 @torch.no_grad()

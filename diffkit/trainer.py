@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from diffkit.errors import DiffkitError
-from diffkit.sae import BatchTopKSAE, batch_topk_indices
+from diffkit.sae import BatchTopKSAE, batch_topk
 
 
 @dataclass
@@ -125,9 +125,8 @@ class SAETrainer:
         # Encode: the only dense B×F product of the step, then the batch top-k on it.
         x_centred = x - b_dec
         pre = torch.addmm(b_enc, x_centred, W_enc.T)
-        flat_idx = batch_topk_indices(pre, cfg.k * n_tokens)  # ascending: grouped by token
+        flat_idx, pre_sel = batch_topk(pre, cfg.k * n_tokens)  # ascending: grouped by token
         rows, cols = flat_idx // n_latents, flat_idx % n_latents
-        pre_sel = pre.view(-1)[flat_idx]
         v = pre_sel.clamp_min(0)
 
         # Decode as a weighted bag of decoder rows per token.
@@ -149,13 +148,14 @@ class SAETrainer:
         # Sorting a [1, n] view takes the comparison sort: torch's parallel radix sort for 1-D
         # integers is faster on an idle CPU but stalls for hundreds of ms on a busy one.
         order = torch.argsort(cols.view(1, -1), dim=1, stable=True).view(-1)
-        rows_by_latent = rows[order]
-        latent_offsets = _offsets(cols[order], n_latents)
+        rows_by_latent, v_by_latent = rows[order], v[order]
+        latent_counts = torch.bincount(cols, minlength=n_latents)
+        latent_offsets = torch.cumsum(latent_counts, 0) - latent_counts
         d_v = _sampled_dot(W_dec_rows, g, latent_offsets, rows_by_latent, n_tokens)
-        d_pre = d_v * (pre_sel[order] > 0)
-        grad_W_dec_rows = F.embedding_bag(rows_by_latent, g, latent_offsets, mode="sum", per_sample_weights=v[order])
+        d_pre = d_v * (v_by_latent > 0)  # relu's gradient (v = relu(pre))
+        grad_W_dec_rows = F.embedding_bag(rows_by_latent, g, latent_offsets, mode="sum", per_sample_weights=v_by_latent)
         grad_W_enc = F.embedding_bag(rows_by_latent, x_centred, latent_offsets, mode="sum", per_sample_weights=d_pre)
-        grad_b_enc = torch.zeros_like(b_enc).index_add_(0, cols[order], d_pre)
+        grad_b_enc = torch.segment_reduce(d_pre, "sum", lengths=latent_counts)
 
         auxk = self._auxk(err, pre, x_centred, W_dec_rows, grad_W_dec_rows, grad_W_enc, grad_b_enc)
         grad_b_dec = g.sum(0) - grad_b_enc @ W_enc

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffkit.metrics import evaluate_sae, format_metrics_table
-from diffkit.sae import BatchTopKSAE, batch_topk_indices, fit_normalization
+from diffkit.sae import BatchTopKSAE, batch_topk, fit_normalization
 from diffkit.trainer import SAETrainConfig, SAETrainer, geometric_median
 
 D_MODEL, N_DIRS, ACTIVE, K, BATCH = 64, 128, 4, 4, 256
@@ -249,11 +249,11 @@ def test_normalization_and_raw_direction():
 def test_batch_topk_is_exact(shape, n_keep):
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(shape, generator=gen)
-    got = batch_topk_indices(scores, n_keep)
+    got, values = batch_topk(scores, n_keep)
     want = scores.flatten().topk(min(n_keep, scores.numel())).indices.sort().values
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(values, scores.flatten()[want])
     ties = torch.zeros(2048, 1024)  # every value tied: the sampled shortcut must fall back, still exact in count
-    assert batch_topk_indices(ties, 64 * 2048).unique().numel() == 64 * 2048
+    assert batch_topk(ties, 64 * 2048)[0].unique().numel() == 64 * 2048
 
 
 def test_geometric_median_resists_outliers():
