@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from analyses.ranking import auroc, matched_mask, rank_latents, set_scores
-from analyses.stats import Activations, Collection, load_activations, save_frame
+from analyses.stats import Activations, Collection, load_activations, save_frame, write_latent_stats
 from diffkit.run import default_run_dir, load_run
 from diffkit.specs import TriggerSpec
 
@@ -118,7 +118,7 @@ def run_grid(cfg: GridConfig) -> dict:
                                    progress=not cfg.json)
     summary, overlaps, _ = grid_summary(activations, run.spec, cfg.top, cfg.target_auroc)
     out = run.path / "analyses"
-    paths = [save_frame(summary, out / "grid.csv.gz")]
+    paths = [save_frame(summary, out / "grid.csv.gz"), *write_latent_stats(run.path, activations, run.spec)]
     for L, overlap in overlaps.items():
         paths.append(write_figure(grid_figure(summary[summary["layer"] == L], overlap), out / f"grid_L{L}.html"))
     if len(overlaps) > 1:
