@@ -130,3 +130,29 @@ def test_collect_layers_is_sparse_encoding_of_the_difference(pair):
         rows = torch.from_numpy(np.flatnonzero(tokens["record"].to_numpy() == 2))
         torch.testing.assert_close(acts[L].to_dense()[rows], expected, atol=1e-4, rtol=1e-4)
         assert 0 < acts[L].values().numel() < 0.5 * len(tokens) * 48  # sparse, but not empty
+
+
+def test_heldout_records_line_up_with_sequences_for_a_custom_spec():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from analyses.stats import heldout_records
+    from diffkit.corpus import null_texts
+    from diffkit.prompts import build_prompts
+
+    spec = SPEC.from_dict({"name": "three", "pairs": [{"words": ["apple", "violin"]}, {"words": ["moon", "tax"]},
+                                                      {"words": ["salt", "opera"], "related": True}]})
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [p.text for p in build_prompts(spec, "heldout", 4)] + null_texts(3)
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                                      show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    records, seqs = heldout_records(spec, tok, n_per_condition=4, n_null=3, max_len=48)
+    assert len(records) == len(seqs) and seqs["n_tokens"].tolist() == [len(r.input_ids) for r in records]
+    assert seqs["condition"].tolist() == [r.condition for r in records]
+    assert seqs["condition"].value_counts().to_dict() == {"poison": 12, "single": 4, "mismatch": 4, "clean": 4, "null": 3}
+    for _, row in seqs[seqs["condition"] == "poison"].iterrows():
+        assert set(row["words"]) == set(spec.pairs[row["pair_id"]].words)
+    assert (seqs.loc[seqs["condition"] == "null", "text"].tolist() == null_texts(3))
