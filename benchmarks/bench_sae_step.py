@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import time
 import types
@@ -125,7 +126,8 @@ def main() -> None:
     else:
         cases = [(d, planted_batches(d, args.seed), k) for d in map(int, args.d_model.split(",")) for k in map(int, args.k.split(","))]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data: {args.real or 'planted'}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs (load {load}), data: {args.real or 'planted'}")
     header = f"{'D':>5} {'F':>6} {'k':>4} {'B':>5} {'steps':>5} | {'ref step/s':>10} {'ours step/s':>11} {'ref tok/s':>10} {'ours tok/s':>10} {'speed-up':>8} | {'ref FVE':>7} {'ours FVE':>8}"
     print(header)
     print("-" * len(header))

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from diffkit.errors import DiffkitError
 from diffkit.sae import BatchTopKSAE
 
 SUBSETS = ("fire", "top1pct", "all", "bottom50pct")
@@ -56,7 +57,7 @@ def evaluate_sae(
     x_raw = x_raw.reshape(-1, sae.activation_dim)
     n_tokens = x_raw.shape[0]
     if n_tokens == 0:
-        raise ValueError("evaluate_sae needs at least one token")
+        raise DiffkitError("evaluate_sae needs at least one held-out token")
     device = sae.b_dec.device
 
     norms = torch.cat([c.float().norm(dim=1).cpu() for c in x_raw.split(chunk_size)])
@@ -66,10 +67,12 @@ def evaluate_sae(
         "bottom50pct": _rank_mask(norms, 0.5, largest=False),
     }
     fire = (flags or {}).get("is_fire_token")
-    if fire is not None and bool(torch.as_tensor(fire).any()):
-        masks["fire"] = torch.as_tensor(fire, dtype=torch.bool).reshape(-1).cpu()
-        if masks["fire"].numel() != n_tokens:
-            raise ValueError(f"flags['is_fire_token'] has {masks['fire'].numel()} entries for {n_tokens} tokens")
+    if fire is not None:
+        fire = torch.as_tensor(fire, dtype=torch.bool).reshape(-1).cpu()
+        if fire.numel() != n_tokens:
+            raise DiffkitError(f"flags['is_fire_token'] has {fire.numel()} entries for {n_tokens} tokens")
+        if fire.any():
+            masks["fire"] = fire
 
     sums = {name: _VarianceSums(sae.activation_dim) for name in masks}
     active_total = 0

@@ -174,7 +174,7 @@ class SAETrainer:
         W_dec_rows /= W_dec_rows.norm(dim=1, keepdim=True) + torch.finfo(W_dec_rows.dtype).eps
         self.step_count += 1
 
-        fve = 1 - err.var(0).sum() / x.var(0).sum()
+        fve = 1 - err.var(0, correction=0).sum() / x.var(0, correction=0).sum()
         l0 = (v > 0).sum() / n_tokens
         loss = mse + cfg.auxk_alpha * auxk
         values = torch.stack([loss, mse, auxk, fve, l0.float()]).tolist()
