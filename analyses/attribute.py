@@ -4,6 +4,12 @@ For each layer of the run: rank every latent for the pair (specificity, AUROC ag
 and per control group; see analyses.ranking), take the top N, name the tokens they fire on, and
 ablate the leading candidates in the fine-tuned model (analyses.causal) to see how much of the
 backdoor each carries. The table goes to runs/NAME/analyses/<pair>/attribute.csv beside its figures.
+
+ablation_effect is the change in the marker's mean log-probability (teacher-forced after each of
+the pair's held-out poison prompts and the fine-tune's own answer) when that latent alone is removed
+from the fine-tune's residual stream: strongly negative means the latent carries the backdoor.
+With --joint the leading latents are also removed together and the greedy attack success rate of
+every pair is measured (runs/NAME/analyses/<pair>/joint_ablation.json).
 """
 
 from __future__ import annotations
