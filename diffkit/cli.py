@@ -113,8 +113,17 @@ def build_parser(commands) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Our own progress bars say what is happening; per-shard weight-loading bars would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     commands = _commands()
+    quiet_libraries()
     args = build_parser(commands).parse_args(argv)
     _, cfg_cls, fn = commands[args._command]
     cfg = cfg_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls)})
