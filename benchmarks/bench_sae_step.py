@@ -135,7 +135,7 @@ def main() -> None:
         r = run_case(Reference, sample, d_model, k, args.expansion, args.batch, args.steps, args.seed)
         print(f"{r['D']:>5} {r['F']:>6} {r['k']:>4} {r['B']:>5} {r['steps']:>5} | {r['ref_steps_s']:>10.2f} {r['our_steps_s']:>11.2f} "
               f"{r['ref_steps_s'] * r['B']:>10.0f} {r['our_steps_s'] * r['B']:>10.0f} {r['our_steps_s'] / r['ref_steps_s']:>7.2f}x | "
-              f"{r['ref_fve']:>7.3f} {r['our_fve']:>8.3f}", flush=True)
+              f"{r['ref_fve']:>7.4f} {r['our_fve']:>8.4f}", flush=True)
 
 
 if __name__ == "__main__":
