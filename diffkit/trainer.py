@@ -73,7 +73,11 @@ class SAETrainConfig:
 
 
 class SAETrainer:
-    """Trains one BatchTopK SAE on normalised vectors: `metrics = trainer.step(sae.normalize(x_raw))`."""
+    """Trains one BatchTopK SAE on normalised vectors: `metrics = trainer.step(sae.normalize(x_raw))`.
+
+    The trainer owns its SAE: pick the device here (moving `trainer.sae` afterwards would leave
+    the optimiser updating the old copy), checkpoint with `state_dict()`.
+    """
 
     def __init__(
         self,
