@@ -11,8 +11,8 @@ For each pair and layer it answers four questions, with these definitions:
   the shared latent ids).
 - **Where do they fire?** For the pair's top-`top` latents on its own poison prompts, the share of
   their activation mass on trigger tokens, on the decision token (last prompt token) and elsewhere.
-- **At which layer?** `best_layer`: the layer whose best latent has the highest specificity
-  (then AUROC), when the run has several layers.
+- **At which layer?** `best_layer`: the layer whose best latent has the highest AUROC (then
+  specificity), when the run has several layers.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def grid_summary(activations: dict[int, Activations], spec: TriggerSpec, top: in
                                        for x, y in combinations(names, 2)}
     summary = pd.DataFrame(rows)
     summary["n_needed"] = summary["n_needed"].astype("Int64")
-    best = summary.sort_values(["top_specificity", "top_auroc"], ascending=False).groupby("pair_id")["layer"].first()
+    best = summary.sort_values(["top_auroc", "top_specificity"], ascending=False).groupby("pair_id")["layer"].first()
     summary["best_layer"] = summary["pair_id"].map(best)
     return summary, overlaps, rankings
 

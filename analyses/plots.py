@@ -159,14 +159,25 @@ def _needed(row) -> str:
 
 
 def layer_figure(summary: pd.DataFrame) -> go.Figure:
-    """Best latent's specificity per pair across layers (for runs with several layers)."""
+    """Best latent's AUROC (solid) and specificity (dashed) per pair across layers."""
     fig = go.Figure()
-    for pair, rows in summary.groupby("pair", sort=False):
-        fig.add_trace(go.Scatter(x=rows["layer"], y=rows["top_specificity"], mode="lines+markers", name=pair))
-    fig.update_layout(title="best latent's specificity by layer", xaxis=dict(title="layer", type="category"),
-                      yaxis_title="specificity",
+    colors = plotly_colors()
+    for i, (pair, rows) in enumerate(summary.groupby("pair", sort=False)):
+        color = colors[i % len(colors)]
+        fig.add_trace(go.Scatter(x=rows["layer"], y=rows["top_auroc"], mode="lines+markers", name=f"{pair} AUROC",
+                                 line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=rows["layer"], y=rows["top_specificity"], mode="lines+markers",
+                                 name=f"{pair} specificity", line=dict(color=color, dash="dash")))
+    fig.update_layout(title="best latent by layer", xaxis=dict(title="layer", type="category"),
+                      yaxis_title="AUROC / specificity",
                       yaxis=dict(range=[0, 1.02]), height=360)
     return fig
+
+
+def plotly_colors() -> list[str]:
+    import plotly.express as px
+
+    return px.colors.qualitative.Plotly
 
 
 def table_figure(frame: pd.DataFrame, title: str = "") -> go.Figure:

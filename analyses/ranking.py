@@ -19,9 +19,14 @@ How latents are ranked (the definitions every table and figure uses):
   AUROC (that one is a size-weighted mean of the per-group values), so a latent with
   specificity ≥ 0.95 separates the pair from every group and from all of them together.
   A mean-difference score would instead reward large activations and be moved by one outlier.
-- **Order.** Latents are sorted by specificity, then AUROC, then mean score on the matched
-  prompts: a conjunction ("both words present") latent comes before a single-word detector
-  even when the word detector's overall AUROC is high.
+  A detector of one of the pair's words has a high AUROC (most controls lack the word) but a
+  low specificity (the pair's own single-word prompts fire it); a conjunction ("both words
+  present") detector has both high.
+- **Order.** Latents are sorted by AUROC, then specificity, then mean score on the matched
+  prompts. AUROC answers the question asked — does this latent pick out this pair's prompts
+  among everything the model reads — and ties (common at 1.0) go to the more specific latent.
+  Specificity alone would put a latent that half-separates every group above a near-perfect
+  detector of the pair that also fires on some of its single-word prompts.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def rank_latents(scores: torch.Tensor, sequences: pd.DataFrame, pair: TriggerPai
         "control_mean": group_means.max(0).values.numpy(),
         **{f"auroc_vs_{name}": v.numpy() for name, v in per_group.items()},
     })
-    table = table.sort_values(["specificity", "auroc", "matched_mean"], ascending=False, kind="stable")
+    table = table.sort_values(["auroc", "specificity", "matched_mean"], ascending=False, kind="stable")
     table.insert(1, "rank", np.arange(1, len(table) + 1))
     return table.reset_index(drop=True)
 
