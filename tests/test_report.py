@@ -86,7 +86,7 @@ def browser_dom(path, tmp_path) -> str:
 
 def test_report_renders_in_headless_browser(fake_run, tmp_path):
     out = tmp_path / "report.html"
-    result = run_report(ReportConfig(run=str(fake_run), out=str(out), n_prompts=4, n_null=4, ablate=1,
+    result = run_report(ReportConfig(run=str(fake_run), out=str(out), n_prompts=4, n_null=4, ablate=0,
                                      n_ablate_prompts=2, top=3, device="cpu", json=True))
     page = out.read_text()
     assert page.count("Plotly.newPlot") == result["figures"] >= 2 + 2 * len(SPEC.pairs) * 2
@@ -116,10 +116,10 @@ def test_grid_and_attribute_on_fake_run(fake_run):
     assert {(r["pair"], r["layer"]) for r in grid["pairs"]} == {(p.name, L) for p in SPEC.pairs for L in (0, 1)}
     assert all(0 <= r["top_auroc"] <= 1 and r["top_specificity"] <= r["top_auroc"] + 1e-6 for r in grid["pairs"])
     json.dumps(grid)  # JSON-ready
-    rows = run_attribute(AttributeConfig(pair="rocket/forest", run=str(fake_run), layer=1, top=4, ablate=2, joint=False,
+    rows = run_attribute(AttributeConfig(pair="rocket/forest", run=str(fake_run), layer=1, top=4, ablate=1, joint=False,
                                          n_prompts=4, n_null=4, n_ablate_prompts=2, device="cpu", json=True))
     assert len(rows) == 4 and {"latent", "layer", "auroc", "ablation_effect", "specificity"} <= set(rows[0])
-    assert [r["ablation_effect"] is not None for r in rows] == [True, True, False, False]
+    assert [r["ablation_effect"] is not None for r in rows] == [True, False, False, False]
     assert all(r["layer"] == 1 and r["pair"] == "forest/rocket" for r in rows)
     json.dumps(rows)
     out = fake_run / "analyses" / "forest-rocket"
