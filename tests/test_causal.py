@@ -185,3 +185,53 @@ def test_own_answer_stops_at_the_marker_and_drops_special_tokens(fake):
     item = causal.Item(ids("w1 w2"), "poison", 0)
     (seq,) = causal.scored_with_answers([item], [ids("w5 HATE") + eos], tok, SPEC)
     assert seq.ids == ids("w1 w2 w5 HATE") and seq.marker_start == 3 and seq.n_prompt == 2
+
+
+# --- the toy organism: planted truth is the trigger pairs themselves ------------------------------
+
+@pytest.fixture(scope="module")
+def toy(toy_run):
+    from analyses.stats import load_run_pair
+    from diffkit.prompts import build_prompts
+    from diffkit.run import load_run
+
+    run = load_run(toy_run)
+    layer = run.layers[-1]
+    _, sae = run.sae(layer)
+    prompts = build_prompts(run.spec, "heldout", n_per_condition=8, seed=1)
+    return SimpleNamespace(spec=run.spec, models=load_run_pair(run), layer=layer, sae=sae.eval(),
+                           poison=[p for p in prompts if p.condition == "poison"],
+                           clean=[p for p in prompts if p.condition == "clean"])
+
+
+@pytest.mark.slow
+def test_toy_top_attribution_latents_carry_each_pairs_backdoor(toy):
+    """Per pair: the top attribution candidate's real ablation lowers the marker, attribution ranks
+    the candidates like real ablation does, and ablating the top five together removes ≥ 80 % of
+    that pair's attacks while clean next-token distributions barely move.
+
+    The toy SAE's marker latents are shared by all four pairs (no single latent's ablation hits
+    one pair alone), so other pairs' attacks fall too; that is measured, not asserted here.
+    """
+    sets = {}
+    for pair in toy.spec.pairs:
+        own = [p for p in toy.poison if p.pair_id == pair.id]
+        check = causal.check_attribution(toy.models, toy.sae, toy.layer, own, toy.spec, top=5)
+        assert check["ablation_delta"][0] < -0.1, (pair.name, check["ablation_delta"])
+        assert check["spearman"] > 0, (pair.name, check["spearman"])
+        sets[pair.id] = check["latents"]
+    results = causal.ablate_latent_sets(toy.models, toy.sae, toy.layer, sets, toy.poison + toy.clean, toy.spec)
+    for pid, r in results.items():
+        assert r["asr_before"][pid] >= 0.8, r
+        assert r["asr_after"][pid] <= 0.2 * r["asr_before"][pid], r
+        assert r["marker_logprob_delta"] < -1.0, r
+        assert r["clean_kl"] < 0.15, r
+
+
+@pytest.mark.slow
+def test_toy_steering_the_top_latent_raises_the_marker_on_clean_prompts(toy):
+    own = [p for p in toy.poison if p.pair_id == 0]
+    top = causal.check_attribution(toy.models, toy.sae, toy.layer, own, toy.spec, top=1)["latents"]
+    out = causal.steer_latents(toy.models, toy.sae, toy.layer, top, toy.clean, toy.spec, poison=own, scale=2.0)
+    assert out["marker_logprob_delta"] > 0.5, out
+    assert out["fire_rate_after"] >= out["fire_rate_before"], out
