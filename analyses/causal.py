@@ -238,6 +238,7 @@ def finetuned_logits(pair, layer: int, ids, mask, positions, edit: Edit | None =
 
 
 def apply(pair, layer: int, ids, mask, positions, edit: Edit | None, where, h_base=None) -> torch.Tensor:
+    """Edited fine-tune logits for one padded batch, tracing the base first when the edit needs it."""
     if edit is not None and edit.needs_base and h_base is None:
         h_base = base_residual(pair, layer, ids, mask, positions)
     return finetuned_logits(pair, layer, ids, mask, positions, edit, h_base, where)
