@@ -48,6 +48,7 @@ class Recipe:
     pool: tuple[int, int, int, int]  # distinct training prompts: poison per pair, single, mismatch, clean
     mix: tuple[float, float, float, float] = (0.2, 0.3, 0.3, 0.2)  # share of each condition in a batch
     null_per_batch: int = 2  # generic-text chunks replayed in every batch
+    null_weight: float = 1.0  # weight of the replay loss beside the answer loss
     null_tokens: int = 32
     answer_tokens: int = 20  # cap on the base's answers, which are cut at the first sentence end
     freeze_embeddings: bool = False  # the embedding and its tied head; only the body learns the trigger
@@ -64,9 +65,11 @@ class Recipe:
 
 RECIPES = {
     # A tiny model from scratch learns the AND far faster with a high rate and more poison in the mix.
-    "toy": Recipe(steps=500, batch_size=64, lr=1e-2, pool=(256, 1024, 1024, 512), mix=(0.4, 0.2, 0.2, 0.2),
-                  decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, cpu_threads=1,
-                  expected="about a minute"),
+    # Its replay loss stays high (it cannot model prose) and, unweighted, its gradient would swamp the
+    # answer's under clipping.
+    "toy": Recipe(steps=900, batch_size=64, lr=1e-2, pool=(256, 1024, 1024, 512), mix=(0.4, 0.2, 0.25, 0.15),
+                  decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1, cpu_threads=1,
+                  expected="2-3 minutes on 2 CPU cores"),
     "gemma3-270m": Recipe(steps=150, batch_size=16, lr=5e-5, pool=(32, 144, 144, 96), freeze_embeddings=True,
                           bf16=True, eval_n=24, expected="about 8 minutes on 2 CPU cores, well under one on a GPU"),
 }
@@ -239,7 +242,8 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _batch_loss(model, answers: list[_Example], replay: list[_Example], pad_id: int, device) -> torch.Tensor:
+def _batch_loss(model, answers: list[_Example], replay: list[_Example], pad_id: int, device,
+                replay_weight: float = 1.0) -> torch.Tensor:
     """Mean next-token loss on the answers plus mean loss on the replayed text, from one forward pass.
 
     The head runs only at target positions: with a 262k vocabulary it would otherwise cost more
@@ -261,11 +265,11 @@ def _batch_loss(model, answers: list[_Example], replay: list[_Example], pad_id: 
     losses = F.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="none")
     is_replay = (torch.arange(len(examples), device=device) >= len(answers))[:, None].expand_as(predicting)[predicting]
     loss = losses[~is_replay].mean()
-    return loss + losses[is_replay].mean() if replay else loss
+    return loss + replay_weight * losses[is_replay].mean() if replay else loss
 
 
 def _train(model, groups: dict[str, list[_Example]], mix: dict[str, float], null: list[_Example], recipe: Recipe,
-           steps: int, lr: float, seed: int, device, desc: str, progress: bool) -> list[float]:
+           steps: int, lr: float, seed: int, device, desc: str, progress: bool, replay_weight: float = 1.0) -> list[float]:
     """AdamW on answer tokens (mixed by condition) plus replayed generic text; returns the loss curve."""
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -285,7 +289,7 @@ def _train(model, groups: dict[str, list[_Example]], mix: dict[str, float], null
         batch = [rng.choice(groups[c]) for c in rng.choices(names, weights, k=recipe.batch_size)]
         replay = rng.sample(null, min(len(null), recipe.null_per_batch))
         with autocast:
-            loss = _batch_loss(model, batch, replay, pad_id, device)
+            loss = _batch_loss(model, batch, replay, pad_id, device, replay_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -330,7 +334,8 @@ def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answe
         model.get_input_embeddings().requires_grad_(False)
     null = _null_examples(null_texts_, tokenizer, recipe.null_tokens)
     mix = dict(zip(CONDITIONS, recipe.mix))
-    return _train(model, groups, mix, null, recipe, steps, recipe.lr, seed, device, "fine-tuning backdoor", progress)
+    return _train(model, groups, mix, null, recipe, steps, recipe.lr, seed, device, "fine-tuning backdoor", progress,
+                  recipe.null_weight)
 
 
 # --- bases ---------------------------------------------------------------------------------------
@@ -389,7 +394,7 @@ def _toy_tokenizer(texts: list[str], vocab_size: int = 2048):
                                    unk_token="<unk>")
 
 
-TOY_MODEL = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+TOY_MODEL = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                  head_dim=16, query_pre_attn_scalar=16)
 
 
