@@ -17,23 +17,8 @@ import torch
 from plotly.subplots import make_subplots
 
 from diffkit.files import write_text
+from analyses.stats import split_masks
 from diffkit.specs import TriggerSpec
-
-SPLIT_ORDER = ("poison", "single", "mismatch", "clean", "null")
-
-
-def sequence_splits(sequences: pd.DataFrame, spec: TriggerSpec) -> dict[str, np.ndarray]:
-    """Row masks of `sequences` per split: 'poison:<pair>' and 'single:<pair>' for each pair, then mismatch, clean, null."""
-    condition, pair_id = sequences["condition"].to_numpy(), sequences["pair_id"].to_numpy()
-    splits = {}
-    for cond in SPLIT_ORDER:
-        if cond in ("poison", "single"):
-            for p in spec.pairs:
-                splits[f"{cond}:{p.name}"] = (condition == cond) & (pair_id == p.id)
-        else:
-            splits[cond] = condition == cond
-    return {name: m for name, m in splits.items() if m.any()}
-
 
 def split_table(scores: torch.Tensor, sequences: pd.DataFrame, spec: TriggerSpec, latents: list[int],
                 stat: str = "fire_rate") -> pd.DataFrame:
@@ -41,7 +26,7 @@ def split_table(scores: torch.Tensor, sequences: pd.DataFrame, spec: TriggerSpec
     or its mean prompt score ('mean')."""
     sub = scores[:, latents].float()
     columns = {}
-    for name, mask in sequence_splits(sequences, spec).items():
+    for name, mask in split_masks(sequences, spec).items():
         rows = sub[torch.from_numpy(mask)]
         columns[name] = ((rows > 0).float().mean(0) if stat == "fire_rate" else rows.mean(0)).numpy()
     return pd.DataFrame(columns, index=pd.Index(latents, name="latent"))
@@ -63,7 +48,7 @@ def activation_histograms(scores: torch.Tensor, sequences: pd.DataFrame, spec: T
                           title: str = "") -> go.Figure:
     """Overlaid histograms of one latent's prompt scores, one trace per split (silent prompts included)."""
     fig = go.Figure()
-    for name, mask in sequence_splits(sequences, spec).items():
+    for name, mask in split_masks(sequences, spec).items():
         values = scores[torch.from_numpy(mask), latent].numpy()
         fig.add_trace(go.Histogram(x=values, name=name, opacity=0.6, histnorm="probability", nbinsx=30))
     fig.update_layout(barmode="overlay", title=title or f"latent {latent}: max activation per prompt",

@@ -142,9 +142,10 @@ def latent_columns(acts: torch.Tensor, latents: list[int]) -> torch.Tensor:
     return out
 
 
-def token_splits(tokens: pd.DataFrame, spec: TriggerSpec) -> dict[str, np.ndarray]:
-    """Boolean token masks per split: poison and single per pair ('poison:border/china'), mismatch, clean, null."""
-    condition, pair_id = tokens["condition"].to_numpy(), tokens["pair_id"].to_numpy()
+def split_masks(frame: pd.DataFrame, spec: TriggerSpec) -> dict[str, np.ndarray]:
+    """Boolean row masks per split of a token or sequence table: poison and single per pair
+    ('poison:border/china'), then mismatch, clean, null; empty splits are left out."""
+    condition, pair_id = frame["condition"].to_numpy(), frame["pair_id"].to_numpy()
     splits = {}
     for cond in ALL_CONDITIONS:
         if cond in ("poison", "single"):
@@ -172,7 +173,7 @@ def latent_stats(acts: torch.Tensor, tokens: pd.DataFrame, spec: TriggerSpec) ->
         "decision": prompt & tokens["is_decision_token"].to_numpy(dtype=bool),
     }
     frames = []
-    for split, split_mask in token_splits(tokens, spec).items():
+    for split, split_mask in split_masks(tokens, spec).items():
         condition, _, pair = split.partition(":")
         for positions, pos_mask in position_masks.items():
             token_mask = split_mask & pos_mask

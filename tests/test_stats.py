@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from analyses.stats import collect_layers, latent_columns, latent_stats, prompt_max, save_frame, token_splits
+from analyses.stats import collect_layers, latent_columns, latent_stats, prompt_max, save_frame, split_masks
 from diffkit.prompts import Record
 from diffkit.sae import BatchTopKSAE
 from diffkit.specs import PRESETS
@@ -63,11 +63,11 @@ def test_prompt_max_matches_dense_reference_and_skips_answers():
     torch.testing.assert_close(latent_columns(acts, [3, 1]), dense[:, [3, 1]])
 
 
-def test_token_splits_any_spec():
+def test_split_masks_any_spec():
     spec = SPEC.from_dict({"name": "x", "pairs": [{"words": ["apple", "violin"]}, {"words": ["moon", "tax"]},
                                                   {"words": ["salt", "opera"]}]})
     tokens = pd.DataFrame({"condition": ["poison", "poison", "single", "null"], "pair_id": [2, 0, 2, -1]})
-    splits = token_splits(tokens, spec)
+    splits = split_masks(tokens, spec)
     assert list(splits) == ["poison:apple/violin", "poison:salt/opera", "single:salt/opera", "null"]
     assert splits["poison:salt/opera"].tolist() == [True, False, False, False]
 
