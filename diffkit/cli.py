@@ -1,9 +1,9 @@
 """`diffkit` command line: each command is a config dataclass whose fields become its flags.
 
-    diffkit train [--preset gemma3-270m] [--layers 9,16] [--k 32,64] ...
+    diffkit train [--preset toy] [--layers 1,2] [--k 32,64] ...
     diffkit organism build --preset toy --out DIR
     diffkit organism eval DIR
-    diffkit attribute --pair border/china [--run runs/gemma3-270m]
+    diffkit attribute --pair border/china [--run runs/toy]
     diffkit grid / diffkit report / diffkit presets
 """
 

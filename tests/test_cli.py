@@ -28,7 +28,7 @@ def test_train_help_explains_the_main_flags(capsys):
     for flag in ("--preset", "--base", "--finetuned", "--layers", "--k", "--expansion", "--tokens", "--out",
                  "--device", "--dtype", "--seed", "--resume"):
         assert flag in text
-    assert "(default: gemma3-270m)" in " ".join(text.split())  # argparse wraps lines
+    assert "(default: toy)" in " ".join(text.split())  # argparse wraps lines
 
 
 def test_lists_parse_from_commas():
