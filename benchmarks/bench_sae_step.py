@@ -105,7 +105,7 @@ def run_case(Reference, sample, d_model: int, k: int, expansion: int, batch: int
             "ref_steps_s": ref_steps_s, "our_steps_s": our_steps_s, "ref_fve": ref_fve, "our_fve": our_fve}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--d-model", default="640,2304", help="comma list of activation sizes (planted data)")
     parser.add_argument("--k", default="64,128", help="comma list of k")
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", default=None, help="a .pt [N, D] tensor of raw difference vectors to train on instead")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
