@@ -15,7 +15,6 @@ Two bases: `toy`, a tiny Gemma-2-architecture model pretrained here in seconds (
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
