@@ -8,6 +8,7 @@ optimiser state plus the stream position) is written: activations never touch th
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ class TrainConfig:
     base: str | None = field(default=None, metadata={"help": "base model: hub id, local directory or .gguf file (overrides the preset)"})
     finetuned: str | None = field(default=None, metadata={"help": "fine-tuned model, same forms as --base (overrides the preset)"})
     layers: list[int] | None = field(default=None, metadata={"help": "decoder layers whose output to diff, e.g. 9,16 (default: the preset's)"})
-    k: list[int] = field(default_factory=lambda: [64], metadata={"help": "active latents per token; several values train side by side from one stream, e.g. 32,64"})
+    k: list[int] | None = field(default=None, metadata={"help": "active latents per token; several values train side by side from one stream, e.g. 32,64 (default: d_model/16 rounded to a power of two, at least 8: 8 for the toy, 32 for Gemma-3-270M, 128 for Gemma-2-2B as published)"})
     expansion: int = field(default=4, metadata={"help": "dictionary size as a multiple of d_model"})
     tokens: int = field(default=300_000, metadata={"help": "training tokens each SAE sees"})
     batch_size: int = field(default=1024, metadata={"help": "tokens per SAE optimisation step"})
@@ -83,6 +84,10 @@ def sae_config(cfg: TrainConfig, k: int, dict_size: int, total_steps: int) -> SA
         threshold_beta=min(0.999, max(0.9, 1 - 5 / max(1, total_steps - threshold_start))),
         dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 20)),
     )
+
+
+def default_k(d_model: int) -> int:
+    return max(8, 2 ** round(math.log2(d_model / 16)))
 
 
 def sae_dirname(layer: int, k: int, ks: list[int]) -> str:
@@ -174,7 +179,7 @@ def train(cfg: TrainConfig) -> dict:
     check_layers(layers, pair.n_layers)
     run_dir = prepare_run_dir(cfg, name)
     torch.manual_seed(cfg.seed)
-    ks = list(cfg.k)
+    ks = list(cfg.k or [default_k(pair.d_model)])
     dict_size = cfg.expansion * pair.d_model
     total_steps = cfg.tokens // cfg.batch_size
     write_json(run_dir / "train_config.json", asdict(cfg))
