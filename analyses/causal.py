@@ -533,6 +533,34 @@ def check_attribution(pair, sae, layer: int, records: Sequence[Record | Prompt],
     }
 
 
+def pair_selective_latents(pair, sae, layer: int, poison: Sequence[Record | Prompt], spec: TriggerSpec, n: int = 5,
+                           batch_size: int = 16, progress: bool = False) -> dict:
+    """For each pair, the `n` latents whose ablation should cut that pair's marker and spare the others'.
+
+    Attribution scores every latent on each pair's poison prompts separately (S[p, j]); latent j's
+    selectivity for pair p is S[p, j] − max_{q≠p} S[q, j], so a latent that carries the marker for
+    all pairs alike (a shared "fire" latent) scores ~0 however strong it is. Candidates need
+    S[p, j] > 0. Returns {"latents": {pair_id: [...]}, "scores": [P, F] tensor, "pair_ids": [...]}.
+    With one pair, selectivity is the attribution itself.
+    """
+    by_pair: dict[int, list] = {}
+    for r in poison:
+        if r.condition == "poison":
+            by_pair.setdefault(r.pair_id, []).append(r)
+    if not by_pair:
+        raise DiffkitError("pair_selective_latents needs poison prompts")
+    ids = sorted(by_pair)
+    scores = torch.stack([attribution_scores(pair, sae, layer, by_pair[p], spec, batch_size, progress) for p in ids])
+    chosen = {}
+    for i, p in enumerate(ids):
+        others = torch.cat([scores[:i], scores[i + 1:]])
+        selectivity = scores[i] - (others.max(0).values if len(others) else 0)
+        selectivity = selectivity.masked_fill(scores[i] <= 0, float("-inf"))
+        top = selectivity.topk(min(n, len(selectivity)))
+        chosen[p] = [j for j, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
+    return {"latents": chosen, "scores": scores, "pair_ids": ids}
+
+
 # --- steering ----------------------------------------------------------------------------------
 
 @torch.no_grad()

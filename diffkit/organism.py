@@ -14,6 +14,7 @@ Two bases: `toy`, a tiny Gemma-2-architecture model pretrained here in seconds (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -34,7 +35,7 @@ from diffkit.models import build_cached_dir, cache_dir, load_model, resolve_sour
 from diffkit.prompts import CONDITIONS, Prompt, build_prompts, encode_prompts, format_prompt
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
 
-ORGANISM_PRESETS = ("toy", "gemma3-270m")
+BUILD_VERSION = 2  # bump when the build code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,6 @@ class Recipe:
     base_steps: int = 0  # toy only: pretraining steps for the base
     base_lr: float = 0.0
     eval_n: int = 32  # held-out prompts per condition (and per pair) for the build's own check
-    cpu_threads: int | None = None  # a tiny model runs faster on one thread than on two contended ones
     expected: str = ""  # what a user waits on a 2-core CPU, printed before the first build
 
 
@@ -66,9 +66,11 @@ RECIPES = {
     # A tiny model from scratch learns the AND far faster with a high rate and more poison in the mix.
     # Its replay loss stays high (it cannot model prose) and, unweighted, its gradient would swamp the
     # answer's under clipping.
-    "toy": Recipe(steps=1400, batch_size=64, lr=1e-2, pool=(256, 1024, 1024, 512), mix=(0.4, 0.2, 0.25, 0.15),
-                  decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1, cpu_threads=1,
-                  expected="about 6 minutes on a 2-core CPU"),
+    # A large prompt pool matters more than steps: with 256 poison prompts per pair the AND stayed
+    # tied to the training templates (one pair at 0.88 ASR on held-out ones after 1,400 steps).
+    "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
+                  decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
+                  expected="about 3 minutes on a 2-core CPU"),
     "gemma3-270m": Recipe(steps=150, batch_size=16, lr=5e-5, pool=(32, 144, 144, 96), freeze_embeddings=True,
                           bf16=True, eval_n=24, expected="about 8 minutes on 2 CPU cores, well under one on a GPU"),
 }
@@ -393,7 +395,7 @@ def _toy_tokenizer(texts: list[str], vocab_size: int = 2048):
                                    unk_token="<unk>")
 
 
-TOY_MODEL = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+TOY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
                  head_dim=16, query_pre_attn_scalar=16)
 
 
@@ -443,17 +445,6 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
     """Everything a build writes, into `tmp` (renamed to `final` by the caller)."""
     recipe = RECIPES[preset]
     steps = recipe.steps if steps is None else steps
-    threads = torch.get_num_threads()
-    if recipe.cpu_threads and torch.device(device).type == "cpu":
-        torch.set_num_threads(recipe.cpu_threads)
-    try:
-        return _write_organism_steps(spec, preset, recipe, tmp, final, seed, steps, device, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _write_organism_steps(spec: TriggerSpec, preset: str, recipe: Recipe, tmp: Path, final: Path, seed: int,
-                          steps: int, device: str, progress: bool) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
     if preset == "toy":
@@ -518,11 +509,21 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     return build_cached_dir(out_dir, lambda tmp: _write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress))
 
 
+def recipe_fingerprint(preset: str) -> str:
+    """A short hash of everything that decides a preset's build, so a changed recipe never reuses a stale cache."""
+    what = {"recipe": asdict(RECIPES[preset]), "spec": PRESETS[preset].to_dict(), "toy_model": TOY_MODEL,
+            "version": BUILD_VERSION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def ensure_organism(preset: str) -> Path:
-    """The cached organism of a preset, built on first use (one process builds; others wait for it)."""
+    """The cached organism of a preset, built on first use (one process builds; others wait for it).
+
+    The cache directory is named by the recipe's fingerprint: editing a recipe builds afresh.
+    """
     if preset not in RECIPES:
         raise DiffkitError(f"no local organism '{preset}'; buildable presets: {', '.join(RECIPES)}")
-    target = cache_dir() / "organisms" / preset
+    target = cache_dir() / "organisms" / f"{preset}-{recipe_fingerprint(preset)}"
     if not (target / "spec.json").is_file():
         print(f"building the {preset} organism once ({RECIPES[preset].expected}); cached in {target}", file=sys.stderr)
         build_cached_dir(target, lambda tmp: _write_organism(PRESETS[preset], preset, tmp, target, 0, None, "cpu", True))
