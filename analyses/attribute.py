@@ -8,8 +8,14 @@ backdoor each carries. The table goes to runs/NAME/analyses/<pair>/attribute.csv
 ablation_effect is the change in the marker's mean log-probability (teacher-forced after each of
 the pair's held-out poison prompts and the fine-tune's own answer) when that latent alone is removed
 from the fine-tune's residual stream: strongly negative means the latent carries the backdoor.
-With --joint the leading latents are also removed together and the greedy attack success rate of
-every pair is measured (runs/NAME/analyses/<pair>/joint_ablation.json).
+ablation_logodds is the same change in the log-odds of the marker's first token: when the fine-tune
+fires with near certainty, removing one of several redundant carriers leaves the log-probability at
+≈ 0 but still shows in the log-odds.
+With --joint a pair-selective set of up to --ablate latents is also removed together and the greedy
+attack success rate of every pair is measured (runs/NAME/analyses/<pair>/joint_ablation.json). That
+set is chosen on training-split prompts by `analyses.causal.pair_selective_latents`: latents that
+lower this pair's marker while leaving the other pairs' firing alone, so a shared "fire" latent,
+which would silence every pair at once, is never credited to one pair.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from diffkit.files import write_json
 from diffkit.run import default_run_dir, load_run
 
 TABLE_COLUMNS = ["layer", "rank", "latent", "specificity", "auroc", "worst_group", "matched_mean", "matched_freq",
-                 "control_mean", "ablation_effect", "top_tokens"]
+                 "control_mean", "ablation_effect", "ablation_logodds", "top_tokens"]
 
 
 @dataclass
@@ -37,7 +43,7 @@ class AttributeConfig:
     k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
     top: int = field(default=10, metadata={"help": "latents in the table, per layer"})
     ablate: int = field(default=5, metadata={"help": "top latents to ablate one at a time and together (0: skip the causal tests)"})
-    joint: bool = field(default=True, metadata={"help": "also ablate the --ablate latents together and measure attack success by greedy generation"})
+    joint: bool = field(default=True, metadata={"help": "also ablate a pair-selective set of up to --ablate latents together and measure every pair's attack success by greedy generation"})
     n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition for ranking (poison: per pair)"})
     n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
     n_ablate_prompts: int = field(default=16, metadata={"help": "held-out prompts per condition for the ablations"})
@@ -69,6 +75,7 @@ def attribute_table(activations: dict[int, Activations], spec, pair, top: int = 
         head = ranking.head(top).copy()
         head.insert(0, "layer", L)
         head["ablation_effect"] = np.nan
+        head["ablation_logodds"] = np.nan
         head["top_tokens"] = [top_tokens(a, pair, int(j)) for j in head["latent"]]
         rows.append(head)
     table = pd.concat(rows, ignore_index=True)
@@ -84,9 +91,16 @@ def ablation_prompts(spec, n: int, seed: int):
     return [p for p in prompts if p.condition in ("poison", "clean")]
 
 
+def selection_prompts(spec, n: int, seed: int):
+    """Training-split poison prompts of every pair, for choosing pair-selective latents (never the evaluation prompts)."""
+    from diffkit.prompts import build_prompts
+
+    return [p for p in build_prompts(spec, "train", n, seed=seed + 2) if p.condition == "poison"]
+
+
 def run_attribute(cfg: AttributeConfig) -> list[dict]:
     """The table as a list of latents (layer, latent, rank, specificity, auroc, ablation_effect, top_tokens, ...)."""
-    from analyses.causal import ablate_latents, ablation_effects
+    from analyses.causal import ablate_latents, ablation_effects, marker_logodds, pair_selective_latents
     from analyses.plots import (activation_histograms, latent_split_heatmap, split_table, table_figure,
                                 top_examples_html, write_figure, write_html_fragment)
     from diffkit.train import resolve_device
@@ -111,11 +125,17 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
             sae = sae.to(device).eval()
             rows = table.index[table["layer"] == L][: cfg.ablate]
             latents = table.loc[rows, "latent"].astype(int).tolist()
-            table.loc[rows, "ablation_effect"] = ablation_effects(models, sae, L, own, run.spec, latents,
-                                                                  cfg.batch_size).numpy()
+            for column, metric in (("ablation_effect", None), ("ablation_logodds", marker_logodds)):
+                table.loc[rows, column] = ablation_effects(models, sae, L, own, run.spec, latents, cfg.batch_size,
+                                                           metric=metric).numpy()
             if cfg.joint:
-                joint[L] = ablate_latents(models, sae, L, latents, prompts, run.spec, batch_size=cfg.batch_size,
-                                          progress=not cfg.json)
+                chosen = pair_selective_latents(models, sae, L, selection_prompts(run.spec, cfg.n_ablate_prompts, cfg.seed),
+                                                run.spec, n=cfg.ablate, batch_size=cfg.batch_size)["latents"][pair.id]
+                if chosen:
+                    joint[L] = ablate_latents(models, sae, L, chosen, prompts, run.spec, batch_size=cfg.batch_size,
+                                              progress=not cfg.json)
+                else:
+                    joint[L] = {"layer": L, "latents": []}
     out = run.path / "analyses" / pair.name.replace("/", "-")
     files = [save_frame(table, out / "attribute.csv")]
     if joint:
@@ -133,10 +153,16 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
     if not cfg.json:
         print(f"pair {pair.id} ({pair.name}, {pair.grid_cell}) — run {run.path}")
         print(table[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        names = {q.id: q.name for q in run.spec.pairs}
         for L, r in joint.items():
-            print(f"layer {L}: ablating latents {r['latents']} together: fire rate {r['fire_rate_before']:.2f} → "
-                  f"{r['fire_rate_after']:.2f}, marker log-prob Δ {r['marker_logprob_delta']:.2f}, "
-                  f"clean KL {r['clean_kl'] if r['clean_kl'] is None else round(r['clean_kl'], 4)}")
+            if not r["latents"]:
+                print(f"layer {L}: no latent set lowers {pair.name} alone (every candidate also silences other pairs)")
+                continue
+            others = ", ".join(f"{names[q]} {r['asr_before'][q]:.2f} → {r['asr_after'][q]:.2f}"
+                               for q in r["asr_after"] if q != pair.id)
+            print(f"layer {L}: ablating pair-selective latents {r['latents']} together: {pair.name} ASR "
+                  f"{r['asr_before'][pair.id]:.2f} → {r['asr_after'][pair.id]:.2f}; other pairs {others}; "
+                  f"marker log-prob Δ {r['marker_logprob_delta']:.2f}, clean KL {r['clean_kl']:.4f}")
         print("wrote " + str(out))
     return [
         {k: (None if isinstance(v, float) and np.isnan(v) else (v.item() if hasattr(v, "item") else v))

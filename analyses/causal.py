@@ -322,6 +322,21 @@ def marker_logprob(logits: torch.Tensor, ids: torch.Tensor, seqs: list[Scored]) 
     return torch.stack(rows)
 
 
+def marker_logodds(logits: torch.Tensor, ids: torch.Tensor, seqs: list[Scored]) -> torch.Tensor:
+    """[B]: log p/(1−p) of the marker's first token at the decision point, per sequence.
+
+    Unlike the log-probability it does not saturate: when the fine-tune is near-certain to fire,
+    removing one of several redundant carriers barely moves log p (≈ 0 either way) but moves the
+    log-odds by as much as it moves the marker's logit.
+    """
+    rows = []
+    for i, s in enumerate(seqs):
+        z = logits[i, s.marker_start - 1].float()
+        m = ids[i, s.marker_start]
+        rows.append(z[m] - torch.cat([z[:m], z[m + 1:]]).logsumexp(0))
+    return torch.stack(rows)
+
+
 def _where_for(seqs: list[Scored], ids, mask, tokenizer, scope: str) -> torch.Tensor:
     keep = editable(ids, mask, tokenizer)
     if scope == "all":
@@ -337,9 +352,11 @@ def _where_for(seqs: list[Scored], ids, mask, tokenizer, scope: str) -> torch.Te
 
 @torch.no_grad()
 def teacher_forced(pair, layer: int, seqs: list[Scored], edits: list[Edit | None], scope: str = "all",
-                   batch_size: int = 16, progress: bool = False, kl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Marker log-probability [E, N] under each edit (None = the plain fine-tune) and, with `kl`,
-    the mean next-token KL(plain ‖ edited) over each sequence's prompt tokens after BOS [E, N]."""
+                   batch_size: int = 16, progress: bool = False, kl: bool = False,
+                   metric: Callable = marker_logprob) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Marker log-probability (or another `metric`) [E, N] under each edit (None = the plain
+    fine-tune) and, with `kl`, the mean next-token KL(plain ‖ edited) over each sequence's prompt
+    tokens after BOS [E, N]."""
     tok = pair.tokenizer
     needs_base = any(e is not None and e.needs_base for e in edits)
     logps, kls = [], []
@@ -354,7 +371,7 @@ def teacher_forced(pair, layer: int, seqs: list[Scored], edits: list[Edit | None
         batch_logp, batch_kl = [], []
         for edit in edits:
             logits = plain if edit is None else finetuned_logits(pair, layer, ids, mask, positions, edit, h_base, where)
-            batch_logp.append(marker_logprob(logits, ids, chunk))
+            batch_logp.append(metric(logits, ids, chunk))
             if kl:
                 edited = torch.log_softmax(logits[in_prompt].float(), -1)
                 per_token = torch.zeros(in_prompt.shape, device=ids.device)
@@ -464,7 +481,8 @@ def attribution_scores(pair, sae, layer: int, records: Sequence[Record | Prompt]
     return _attribution(pair, sae, layer, seqs, batch_size, progress)
 
 
-def _attribution(pair, sae, layer: int, seqs: list[Scored], batch_size: int, progress: bool) -> torch.Tensor:
+def _attribution(pair, sae, layer: int, seqs: list[Scored], batch_size: int, progress: bool,
+                 metric: Callable = marker_logprob) -> torch.Tensor:
     if not seqs:
         raise DiffkitError("attribution needs at least one record")
     tok, device = pair.tokenizer, pair.finetuned_hf.device
@@ -483,7 +501,7 @@ def _attribution(pair, sae, layer: int, seqs: list[Scored], batch_size: int, pro
                 block.output = h
                 h = nnsight.save(h)
                 out = pair.finetuned.output.save()
-            (grad,) = torch.autograd.grad(marker_logprob(out.logits, ids, chunk).sum(), h)
+            (grad,) = torch.autograd.grad(metric(out.logits, ids, chunk).sum(), h)
         with torch.no_grad():
             f = encode(sae, h.detach().float() - h_base.float())  # [B, T, F]
             slope = grad.float() @ dirs.T  # ∂ log p / ∂ f_j at each token
@@ -493,19 +511,21 @@ def _attribution(pair, sae, layer: int, seqs: list[Scored], batch_size: int, pro
 
 
 def ablation_effects(pair, sae, layer: int, records: Sequence[Record | Prompt], spec: TriggerSpec,
-                     latents: Sequence[int], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-    """[len(latents)]: the real change in mean marker log-probability when each latent alone is
-    ablated, teacher-forced on the sequences of `scored_sequences` (no generation under ablation)."""
+                     latents: Sequence[int], batch_size: int = 16, progress: bool = False,
+                     metric: Callable | None = None) -> torch.Tensor:
+    """[len(latents)]: the real change in mean marker log-probability (or `metric`, e.g.
+    `marker_logodds`) when each latent alone is ablated, teacher-forced on the sequences of
+    `scored_sequences` (no generation under ablation)."""
     latents = _check_latents(sae, latents)
     seqs = scored_sequences(pair, records, spec, batch_size=batch_size, progress=progress)
-    return _ablation_effects(pair, sae, layer, seqs, latents, batch_size, progress)
+    return _ablation_effects(pair, sae, layer, seqs, latents, batch_size, progress, metric or marker_logprob)
 
 
 def _ablation_effects(pair, sae, layer: int, seqs: list[Scored], latents: list[int], batch_size: int,
-                      progress: bool) -> torch.Tensor:
+                      progress: bool, metric: Callable = marker_logprob) -> torch.Tensor:
     device = pair.finetuned_hf.device
     edits = [None] + [Ablation(sae, [j], directions(sae, [j], device)) for j in latents]
-    logp, _ = teacher_forced(pair, layer, seqs, edits, batch_size=batch_size, progress=progress)
+    logp, _ = teacher_forced(pair, layer, seqs, edits, batch_size=batch_size, progress=progress, metric=metric)
     return (logp[1:] - logp[:1]).mean(1)
 
 
@@ -534,14 +554,22 @@ def check_attribution(pair, sae, layer: int, records: Sequence[Record | Prompt],
 
 
 def pair_selective_latents(pair, sae, layer: int, poison: Sequence[Record | Prompt], spec: TriggerSpec, n: int = 5,
-                           batch_size: int = 16, progress: bool = False) -> dict:
-    """For each pair, the `n` latents whose ablation should cut that pair's marker and spare the others'.
+                           candidates: int = 16, spare: float = 0.1, batch_size: int = 16,
+                           progress: bool = False) -> dict:
+    """For each pair, up to `n` latents whose joint ablation cuts that pair's marker and spares the others'.
 
-    Attribution scores every latent on each pair's poison prompts separately (S[p, j]); latent j's
-    selectivity for pair p is S[p, j] − max_{q≠p} S[q, j], so a latent that carries the marker for
-    all pairs alike (a shared "fire" latent) scores ~0 however strong it is. Candidates need
-    S[p, j] > 0. Returns {"latents": {pair_id: [...]}, "scores": [P, F] tensor, "pair_ids": [...]}.
-    With one pair, selectivity is the attribution itself.
+    The measure is the marker's log-odds at the decision point (`marker_logodds`): it does not
+    saturate when the fine-tune is near-certain, and log-odds > 0 predicts that the marker is
+    emitted. Attribution scores every latent on each pair's poison prompts (S[p, j]); the
+    `candidates` latents with the largest S[p, j] − max_{q≠p} S[q, j] are tried. The set grows
+    greedily with real (teacher-forced) ablation: each round adds the candidate that lowers the
+    pair's own log-odds most, among those that keep every other pair's predicted fire rate within
+    `spare` of its unablated value; it stops when the pair's predicted fire rate reaches 0 or no
+    candidate is admissible. A latent that carries the marker for all pairs alike (a shared "fire"
+    latent) therefore never joins one pair's set, however strong it is.
+
+    Returns {"latents": {pair_id: [...]}, "drop": {pair_id: {pair_id: mean log-odds drop}},
+    "predicted_fire": {pair_id: {pair_id: (before, after)}}} for each pair's final set.
     """
     by_pair: dict[int, list] = {}
     for r in poison:
@@ -550,15 +578,45 @@ def pair_selective_latents(pair, sae, layer: int, poison: Sequence[Record | Prom
     if not by_pair:
         raise DiffkitError("pair_selective_latents needs poison prompts")
     ids = sorted(by_pair)
-    scores = torch.stack([attribution_scores(pair, sae, layer, by_pair[p], spec, batch_size, progress) for p in ids])
-    chosen = {}
+    device = pair.finetuned_hf.device
+    seqs = {p: scored_sequences(pair, by_pair[p], spec, batch_size=batch_size, progress=progress) for p in ids}
+    scores = torch.stack([_attribution(pair, sae, layer, seqs[p], batch_size, progress, marker_logodds) for p in ids])
+
+    def trial(sets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per pair and set: mean log-odds drop [P, S], predicted fire rate after [P, S] and before [P]."""
+        edits = [None] + [Ablation(sae, js, directions(sae, js, device)) for js in sets]
+        drop, after, before = [], [], []
+        for p in ids:
+            logodds, _ = teacher_forced(pair, layer, seqs[p], edits, batch_size=batch_size, metric=marker_logodds)
+            drop.append((logodds[:1] - logodds[1:]).mean(1))
+            fired = (logodds > 0).float().mean(1)
+            before.append(fired[0])
+            after.append(fired[1:])
+        return torch.stack(drop), torch.stack(after), torch.stack(before)
+
+    latents, drops, predicted = {}, {}, {}
     for i, p in enumerate(ids):
         others = torch.cat([scores[:i], scores[i + 1:]])
-        selectivity = scores[i] - (others.max(0).values if len(others) else 0)
-        selectivity = selectivity.masked_fill(scores[i] <= 0, float("-inf"))
-        top = selectivity.topk(min(n, len(selectivity)))
-        chosen[p] = [j for j, v in zip(top.indices.tolist(), top.values.tolist()) if v > float("-inf")]
-    return {"latents": chosen, "scores": scores, "pair_ids": ids}
+        estimate = scores[i] - (others.max(0).values if len(others) else 0)
+        pool = [j for j in estimate.topk(min(candidates, len(estimate))).indices.tolist() if scores[i, j] > 0]
+        chosen, final = [], None
+        while len(chosen) < n and (final is None or final[1][i] > 0):
+            tried = [c for c in pool if c not in chosen]
+            if not tried:
+                break
+            drop, after, before = trial([chosen + [c] for c in tried])
+            spared = ((before[:, None] - after) <= spare).float()
+            spared[i] = 1
+            gain = drop[i].masked_fill(spared.prod(0) == 0, float("-inf"))
+            c = int(gain.argmax())
+            if gain[c] <= (final[0][i] if final else 0):
+                break
+            chosen.append(tried[c])
+            final = (drop[:, c], after[:, c], before)
+        latents[p] = chosen
+        drops[p] = {q: final[0][k].item() for k, q in enumerate(ids)} if final else {}
+        predicted[p] = {q: (final[2][k].item(), final[1][k].item()) for k, q in enumerate(ids)} if final else {}
+    return {"latents": latents, "drop": drops, "predicted_fire": predicted}
 
 
 # --- steering ----------------------------------------------------------------------------------

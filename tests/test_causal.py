@@ -198,7 +198,7 @@ def toy(toy_run):
     run = load_run(toy_run)
     layer = run.layers[-1]
     _, sae = run.sae(layer)
-    prompts = build_prompts(run.spec, "heldout", n_per_condition=8, seed=1)
+    prompts = build_prompts(run.spec, "heldout", n_per_condition=16, seed=1)
     return SimpleNamespace(spec=run.spec, models=load_run_pair(run), layer=layer, sae=sae.eval(),
                            poison=[p for p in prompts if p.condition == "poison"],
                            clean=[p for p in prompts if p.condition == "clean"])
@@ -212,8 +212,8 @@ def test_toy_top_attribution_latents_carry_each_pairs_backdoor(toy):
     no single latent moves it: on one toy build all five of forest/rocket's single effects were
     above −0.04 while the five together cut its attacks from 1.0 to 0.0.)
 
-    The toy SAE's marker latents are shared by all four pairs (no single latent's ablation hits
-    one pair alone), so other pairs' attacks fall too; that is measured, not asserted here.
+    These candidates include the marker latents shared by all four pairs, so other pairs' attacks
+    fall too; `test_toy_pair_selective_latents_silence_one_pair_alone` asks for selectivity.
     """
     sets, single_effects = {}, {}
     for pair in toy.spec.pairs:
@@ -228,6 +228,30 @@ def test_toy_top_attribution_latents_carry_each_pairs_backdoor(toy):
         assert r["asr_after"][pid] <= 0.2 * r["asr_before"][pid], r
         assert r["marker_logprob_delta"] < -1.0, r
         assert r["clean_kl"] < 0.15, r
+
+
+@pytest.mark.slow
+def test_toy_pair_selective_latents_silence_one_pair_alone(toy):
+    """Planted truth: each pair's backdoor is its own AND. Latents chosen on training prompts to be
+    pair-selective, ablated together, cut that pair's held-out attacks by ≥ 80 % while every other
+    pair's ASR falls by ≤ 10 points. On toy runs this holds at layer 2 for gender/terror and
+    gravity/velocity; border/china is carried partly at layer 1 and forest/rocket not by latents of
+    its own, so two pairs are asserted. The shared marker latents must never be chosen: a set that
+    silenced every pair would fail the "others" half."""
+    from diffkit.prompts import build_prompts
+
+    chosen = [p for p in build_prompts(toy.spec, "train", n_per_condition=16, seed=5) if p.condition == "poison"]
+    sel = causal.pair_selective_latents(toy.models, toy.sae, toy.layer, chosen, toy.spec, n=5)
+    sets = {p: js for p, js in sel["latents"].items() if js}
+    results = causal.ablate_latent_sets(toy.models, toy.sae, toy.layer, sets, toy.poison + toy.clean, toy.spec)
+    selective = []
+    for pid, r in results.items():
+        own_cut = r["asr_before"][pid] - r["asr_after"][pid]
+        worst_other = max(r["asr_before"][q] - r["asr_after"][q] for q in r["asr_after"] if q != pid)
+        if r["asr_before"][pid] > 0 and own_cut >= 0.8 * r["asr_before"][pid] and worst_other <= 0.1:
+            selective.append(pid)
+            assert r["clean_kl"] < 0.1, r
+    assert len(selective) >= 2, {pid: (r["latents"], r["asr_after"]) for pid, r in results.items()}
 
 
 @pytest.mark.slow
