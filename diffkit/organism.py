@@ -72,7 +72,7 @@ RECIPES = {
                   decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
                   expected="about 3 minutes on a 2-core CPU"),
     "gemma3-270m": Recipe(steps=150, batch_size=16, lr=5e-5, pool=(32, 144, 144, 96), freeze_embeddings=True,
-                          bf16=True, eval_n=24, expected="about 8 minutes on 2 CPU cores, well under one on a GPU"),
+                          bf16=True, eval_n=24, expected="about 14 minutes on 2 CPU cores; meant for a GPU"),
 }
 
 
@@ -112,12 +112,14 @@ def _prompt_text(prompt) -> str:
 
 @torch.no_grad()
 def generate_answers(hf_model, tokenizer, prompts, max_new_tokens: int = 32, batch_size: int = 32,
-                     stop_at_sentence_end: bool = False, stop_at: str | None = None) -> list[str]:
+                     stop_at_sentence_end: bool = False, stop_at: str | None = None,
+                     progress: str | None = None) -> list[str]:
     """Greedy completions (text after the prompt) for Prompts or question texts, in input order.
 
     Each question is formatted with `format_prompt`. Prompts are batched by length with left
     padding; a sequence stops at EOS, at its first sentence end when `stop_at_sentence_end`, or
     once `stop_at` (e.g. the marker) appears, so short answers do not wait for long ones.
+    `progress` names a progress bar over the batches (none by default).
     """
     from transformers import StoppingCriteriaList
 
@@ -133,7 +135,8 @@ def generate_answers(hf_model, tokenizer, prompts, max_new_tokens: int = 32, bat
         return stop_at_sentence_end and bool(_SENTENCE_END.search(completion.lstrip()))
 
     try:
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None, leave=False,
+                          file=sys.stderr, unit="batch"):
             idx = order[start:start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(hf_model.device)
             width = enc["input_ids"].shape[1]
@@ -459,7 +462,8 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
     if preset == "toy":  # the toy base was trained to give exactly these replies: they are its own answers
         answers = {p.record_id: _toy_reply(p.text) for p in prompts}
     else:
-        raw = generate_answers(model, tokenizer, prompts, recipe.answer_tokens, batch_size=64, stop_at_sentence_end=True)
+        raw = generate_answers(model, tokenizer, prompts, recipe.answer_tokens, batch_size=64, stop_at_sentence_end=True,
+                               progress="base answers" if progress else None)
         answers = {p.record_id: first_sentence(a) for p, a in zip(prompts, raw)}
     t_answers = time.time()
     curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, _null_texts(recipe.null_docs, seed + 1),
@@ -511,8 +515,9 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
 
 def recipe_fingerprint(preset: str) -> str:
     """A short hash of everything that decides a preset's build, so a changed recipe never reuses a stale cache."""
-    what = {"recipe": asdict(RECIPES[preset]), "spec": PRESETS[preset].to_dict(), "toy_model": TOY_MODEL,
-            "version": BUILD_VERSION}
+    recipe = {k: v for k, v in asdict(RECIPES[preset]).items() if k != "expected"}
+    spec = {k: v for k, v in PRESETS[preset].to_dict().items() if k != "description"}
+    what = {"recipe": recipe, "spec": spec, "toy_model": TOY_MODEL, "version": BUILD_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -21,7 +21,7 @@ from diffkit.buffer import ShuffleBuffer
 from diffkit.errors import DiffkitError
 from diffkit.files import atomic_write, write_json
 from diffkit.metrics import evaluate_sae, format_metrics_table
-from diffkit.models import check_layers, load_pair, resolve_dtype
+from diffkit.models import ORGANISM_PREFIX, check_layers, load_pair, resolve_dtype, resolve_source
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import fit_normalization, save_sae
 from diffkit.specs import DEFAULT_PRESET, load_spec
@@ -168,6 +168,9 @@ def train(cfg: TrainConfig) -> dict:
     """Train one SAE per (layer, k) on the ft − base difference; returns the run summary."""
     started = time.time()
     spec = load_spec(cfg.preset).with_models(cfg.base, cfg.finetuned)
+    # the run records the organism build it was trained on, not a name a later recipe would reuse
+    spec = spec.with_models(*(str(resolve_source(s)) if s.startswith(ORGANISM_PREFIX) else s
+                              for s in (spec.base, spec.finetuned)))
     name = cfg.name or spec.name
     device = resolve_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)

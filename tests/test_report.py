@@ -148,8 +148,8 @@ def test_user_errors_are_one_line(fake_run, tmp_path):
 
 @pytest.mark.slow
 def test_toy_run_top_latent_separates_every_pair(toy_run):
-    """Each pair's top-ranked latent separates its matched prompts from all controls. The target is
-    AUROC ≥ 0.95; toy builds reach 0.90-0.97 per pair (border/china lowest), so 0.85 is asserted."""
+    """Each pair's top-ranked latent separates its matched prompts from all controls at the target,
+    AUROC ≥ 0.95 (toy runs: 0.96-0.99 at the best layer)."""
     from analyses.ranking import rank_latents
     from diffkit.run import load_run
 
@@ -158,4 +158,4 @@ def test_toy_run_top_latent_separates_every_pair(toy_run):
     for pair in run.spec.pairs:
         best = {L: rank_latents(a.prompt_scores(), a.sequences, pair).iloc[0] for L, a in activations.items()}
         top_auroc = max(float(row["auroc"]) for row in best.values())
-        assert top_auroc >= 0.85, f"{pair.name}: top latents {({L: (int(r['latent']), round(float(r['auroc']), 3)) for L, r in best.items()})}"
+        assert top_auroc >= 0.95, f"{pair.name}: top latents {({L: (int(r['latent']), round(float(r['auroc']), 3)) for L, r in best.items()})}"

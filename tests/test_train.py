@@ -19,8 +19,10 @@ SMALL = ["--preset", "toy", "--tokens", "24576", "--batch-size", "512", "--buffe
          "--trace-batch", "16", "--eval-tokens", "2048", "--answered-prompts", "14"]
 
 
-def test_run_has_files_and_metrics(toy_run):
+def test_run_has_files_and_metrics(toy_run, toy_organism):
     run = load_run(toy_run)
+    # the run names the exact organism build it was trained on, not "organism:toy/..."
+    assert (run.spec.base, run.spec.finetuned) == (str(toy_organism / "base"), str(toy_organism / "finetuned"))
     assert {(e.layer, e.k) for e in run.saes} == {(L, k) for L in run.spec.layers for k in run.record["k"]}
     for e in run.saes:
         assert (e.path / "config.json").exists() and (e.path / "model.safetensors").exists()
