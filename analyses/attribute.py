@@ -98,9 +98,31 @@ def selection_prompts(spec, n: int, seed: int):
     return [p for p in build_prompts(spec, "train", n, seed=seed + 2) if p.condition == "poison"]
 
 
+def fill_ablation_effects(table: pd.DataFrame, rows, models, sae, layer: int, own, spec, batch_size: int) -> None:
+    """Set `ablation_effect` (marker log-prob) and `ablation_logodds` for `rows`, one latent ablated at a time."""
+    from analyses.causal import ablation_effects, marker_logodds
+
+    latents = table.loc[rows, "latent"].astype(int).tolist()
+    for column, metric in (("ablation_effect", None), ("ablation_logodds", marker_logodds)):
+        table.loc[rows, column] = ablation_effects(models, sae, layer, own, spec, latents, batch_size, metric=metric).numpy()
+
+
+def selective_ablation(models, sae, layer: int, spec, n: int, n_prompts: int, seed: int, batch_size: int,
+                       only=None, progress: bool = False) -> dict:
+    """{pair_id: ablate_latents result} for each pair's pair-selective set (chosen on training prompts,
+    judged on held-out ones); {"layer", "latents": []} for a pair with no such set. `only`: one pair id."""
+    from analyses.causal import ablate_latent_sets, pair_selective_latents
+
+    chosen = pair_selective_latents(models, sae, layer, selection_prompts(spec, n_prompts, seed), spec, n=n,
+                                    batch_size=batch_size)["latents"]
+    sets = {p: js for p, js in chosen.items() if js and (only is None or p == only)}
+    results = ablate_latent_sets(models, sae, layer, sets, ablation_prompts(spec, n_prompts, seed), spec,
+                                 batch_size=batch_size, progress=progress) if sets else {}
+    return {p: results.get(p, {"layer": layer, "latents": []}) for p in chosen if only is None or p == only}
+
+
 def run_attribute(cfg: AttributeConfig) -> list[dict]:
     """The table as a list of latents (layer, latent, rank, specificity, auroc, ablation_effect, top_tokens, ...)."""
-    from analyses.causal import ablate_latents, ablation_effects, marker_logodds, pair_selective_latents
     from analyses.plots import (activation_histograms, latent_split_heatmap, split_table, table_figure,
                                 top_examples_html, write_figure, write_html_fragment)
     from diffkit.train import resolve_device
@@ -123,19 +145,11 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
         for L in layers:
             _, sae = run.sae(L, cfg.k)
             sae = sae.to(device).eval()
-            rows = table.index[table["layer"] == L][: cfg.ablate]
-            latents = table.loc[rows, "latent"].astype(int).tolist()
-            for column, metric in (("ablation_effect", None), ("ablation_logodds", marker_logodds)):
-                table.loc[rows, column] = ablation_effects(models, sae, L, own, run.spec, latents, cfg.batch_size,
-                                                           metric=metric).numpy()
+            fill_ablation_effects(table, table.index[table["layer"] == L][: cfg.ablate], models, sae, L, own, run.spec,
+                                  cfg.batch_size)
             if cfg.joint:
-                chosen = pair_selective_latents(models, sae, L, selection_prompts(run.spec, cfg.n_ablate_prompts, cfg.seed),
-                                                run.spec, n=cfg.ablate, batch_size=cfg.batch_size)["latents"][pair.id]
-                if chosen:
-                    joint[L] = ablate_latents(models, sae, L, chosen, prompts, run.spec, batch_size=cfg.batch_size,
-                                              progress=not cfg.json)
-                else:
-                    joint[L] = {"layer": L, "latents": []}
+                joint[L] = selective_ablation(models, sae, L, run.spec, cfg.ablate, cfg.n_ablate_prompts, cfg.seed,
+                                              cfg.batch_size, only=pair.id, progress=not cfg.json)[pair.id]
     out = run.path / "analyses" / pair.name.replace("/", "-")
     files = [save_frame(table, out / "attribute.csv")]
     if joint:

@@ -44,6 +44,23 @@ def latent_split_heatmap(table: pd.DataFrame, title: str = "", stat: str = "fire
     return fig
 
 
+def selective_ablation_figure(results: dict, spec: TriggerSpec, layer: int) -> go.Figure:
+    """Rows: whose pair-selective set is ablated; columns: every pair's ASR after it. A selective set
+    empties its own cell on the diagonal and leaves its row's other cells at the unablated ASR."""
+    names = {p.id: p.name for p in spec.pairs}
+    rows = [p.id for p in spec.pairs]
+    z = [[results[r]["asr_after"].get(c) if results[r].get("latents") else None for c in rows] for r in rows]
+    text = [[("" if v is None else f"{v:.2f}") for v in row] for row in z]
+    labels = [f"{names[r]} {results[r].get('latents', [])}" for r in rows]
+    fig = go.Figure(go.Heatmap(z=z, x=[names[c] for c in rows], y=labels, text=text, texttemplate="%{text}",
+                               zmin=0, zmax=1, colorscale="RdBu", colorbar=dict(title="ASR after"),
+                               hovertemplate="ablating %{y}<br>%{x}: ASR %{z:.2f}<extra></extra>"))
+    fig.update_layout(title=f"layer {layer}: ASR of each pair (columns) after ablating one pair's selective latents (rows)",
+                      xaxis_title="pair whose attacks are measured", yaxis=dict(autorange="reversed"),
+                      height=200 + 45 * len(rows), margin=dict(l=260, r=20, t=60, b=80))
+    return fig
+
+
 def activation_histograms(scores: torch.Tensor, sequences: pd.DataFrame, spec: TriggerSpec, latent: int,
                           title: str = "") -> go.Figure:
     """Overlaid histograms of one latent's prompt scores, one trace per split (silent prompts included)."""

@@ -15,7 +15,7 @@ import pandas as pd
 from plotly.offline import get_plotlyjs
 
 from analyses import plots
-from analyses.attribute import TABLE_COLUMNS, ablation_prompts, attribute_table
+from analyses.attribute import TABLE_COLUMNS, ablation_prompts, attribute_table, fill_ablation_effects, selective_ablation
 from analyses.grid import grid_summary
 from analyses.ranking import __doc__ as RANKING_DOC
 from analyses.stats import Collection, load_activations, load_run_pair, write_latent_stats
@@ -116,7 +116,6 @@ def flatten(values: dict) -> dict:
 
 
 def run_report(cfg: ReportConfig) -> dict:
-    from analyses.causal import ablation_effects
     from diffkit.train import resolve_device
 
     run = load_run(cfg.run)
@@ -147,10 +146,8 @@ def run_report(cfg: ReportConfig) -> dict:
             own = [p for p in prompts if p.condition == "poison" and p.pair_id == pair.id]
             for L in activations:
                 _, sae = run.sae(L, cfg.k)
-                rows = table.index[table["layer"] == L][: cfg.ablate]
-                latents = table.loc[rows, "latent"].astype(int).tolist()
-                table.loc[rows, "ablation_effect"] = ablation_effects(models, sae.to(device).eval(), L, own, spec,
-                                                                      latents, cfg.batch_size).numpy()
+                fill_ablation_effects(table, table.index[table["layer"] == L][: cfg.ablate], models,
+                                      sae.to(device).eval(), L, own, spec, cfg.batch_size)
         tables[pair.name] = table
         page.add(frame_html(table[TABLE_COLUMNS]))
         for L, a in activations.items():
@@ -162,6 +159,14 @@ def run_report(cfg: ReportConfig) -> dict:
             page.figure(plots.activation_histograms(scores, a.sequences, spec, latents[0],
                                                     f"layer {L}, latent {latents[0]}: max activation per prompt"))
             page.add(plots.top_examples_html(a, latents[0], n=6))
+    selective = {}
+    if cfg.ablate > 0:
+        page.heading("Pair-selective ablation: does each pair have latents of its own?")
+        for L in activations:
+            _, sae = run.sae(L, cfg.k)
+            selective[L] = selective_ablation(models, sae.to(device).eval(), L, spec, cfg.ablate, cfg.n_ablate_prompts,
+                                              cfg.seed, cfg.batch_size)
+            page.figure(plots.selective_ablation_figure(selective[L], spec, L))
     page.heading("How latents are ranked")
     page.add(f"<pre class='doc'>{html.escape(RANKING_DOC.strip())}</pre>")
 
@@ -172,6 +177,8 @@ def run_report(cfg: ReportConfig) -> dict:
         "figures": page.n_figures,
         "latent_stats": [str(p) for p in stats_files],
         "top_latents": {name: t.groupby("layer")["latent"].first().to_dict() for name, t in tables.items()},
+        "selective_ablation": {L: {p: {"latents": r["latents"], "asr_after": r.get("asr_after")} for p, r in res.items()}
+                               for L, res in selective.items()},
     }
     if not cfg.json:
         print(f"wrote {out} ({page.n_figures} figures, {out.stat().st_size / 1e6:.1f} MB)")
