@@ -42,7 +42,7 @@ class AttributeConfig:
     layer: int | None = field(default=None, metadata={"help": "one layer (default: every layer of the run)"})
     k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
     top: int = field(default=10, metadata={"help": "latents in the table, per layer"})
-    ablate: int = field(default=5, metadata={"help": "top latents to ablate one at a time and together (0: skip the causal tests)"})
+    ablate: int = field(default=5, metadata={"help": "top latents to ablate one at a time, and the most in the pair-selective set (0: skip the causal tests)"})
     joint: bool = field(default=True, metadata={"help": "also ablate a pair-selective set of up to --ablate latents together and measure every pair's attack success by greedy generation"})
     n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition for ranking (poison: per pair)"})
     n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
