@@ -100,11 +100,12 @@ def selection_prompts(spec, n: int, seed: int):
 
 def fill_ablation_effects(table: pd.DataFrame, rows, models, sae, layer: int, own, spec, batch_size: int) -> None:
     """Set `ablation_effect` (marker log-prob) and `ablation_logodds` for `rows`, one latent ablated at a time."""
-    from analyses.causal import ablation_effects, marker_logodds
+    from analyses.causal import ablation_effects, marker_logodds, marker_logprob
 
     latents = table.loc[rows, "latent"].astype(int).tolist()
-    for column, metric in (("ablation_effect", None), ("ablation_logodds", marker_logodds)):
-        table.loc[rows, column] = ablation_effects(models, sae, layer, own, spec, latents, batch_size, metric=metric).numpy()
+    effects = ablation_effects(models, sae, layer, own, spec, latents, batch_size,
+                               metrics=(marker_logprob, marker_logodds)).numpy()
+    table.loc[rows, "ablation_effect"], table.loc[rows, "ablation_logodds"] = effects
 
 
 def selective_ablation(models, sae, layer: int, spec, n: int, n_prompts: int, seed: int, batch_size: int,
@@ -114,11 +115,11 @@ def selective_ablation(models, sae, layer: int, spec, n: int, n_prompts: int, se
     from analyses.causal import ablate_latent_sets, pair_selective_latents
 
     chosen = pair_selective_latents(models, sae, layer, selection_prompts(spec, n_prompts, seed), spec, n=n,
-                                    batch_size=batch_size)["latents"]
-    sets = {p: js for p, js in chosen.items() if js and (only is None or p == only)}
+                                    batch_size=batch_size, only=only)["latents"]
+    sets = {p: js for p, js in chosen.items() if js}
     results = ablate_latent_sets(models, sae, layer, sets, ablation_prompts(spec, n_prompts, seed), spec,
                                  batch_size=batch_size, progress=progress) if sets else {}
-    return {p: results.get(p, {"layer": layer, "latents": []}) for p in chosen if only is None or p == only}
+    return {p: results.get(p, {"layer": layer, "latents": []}) for p in chosen}
 
 
 def run_attribute(cfg: AttributeConfig) -> list[dict]:

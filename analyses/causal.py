@@ -512,13 +512,13 @@ def _attribution(pair, sae, layer: int, seqs: list[Scored], batch_size: int, pro
 
 def ablation_effects(pair, sae, layer: int, records: Sequence[Record | Prompt], spec: TriggerSpec,
                      latents: Sequence[int], batch_size: int = 16, progress: bool = False,
-                     metric: Callable | None = None) -> torch.Tensor:
-    """[len(latents)]: the real change in mean marker log-probability (or `metric`, e.g.
-    `marker_logodds`) when each latent alone is ablated, teacher-forced on the sequences of
-    `scored_sequences` (no generation under ablation)."""
+                     metrics: Sequence[Callable] = (marker_logprob,)) -> torch.Tensor:
+    """[len(metrics), len(latents)]: the real change in each metric's mean (marker log-probability,
+    `marker_logodds`, ...) when each latent alone is ablated, teacher-forced on the sequences of
+    `scored_sequences`, generated once for all metrics (no generation under ablation)."""
     latents = _check_latents(sae, latents)
     seqs = scored_sequences(pair, records, spec, batch_size=batch_size, progress=progress)
-    return _ablation_effects(pair, sae, layer, seqs, latents, batch_size, progress, metric or marker_logprob)
+    return torch.stack([_ablation_effects(pair, sae, layer, seqs, latents, batch_size, progress, m) for m in metrics])
 
 
 def _ablation_effects(pair, sae, layer: int, seqs: list[Scored], latents: list[int], batch_size: int,
@@ -554,7 +554,7 @@ def check_attribution(pair, sae, layer: int, records: Sequence[Record | Prompt],
 
 
 def pair_selective_latents(pair, sae, layer: int, poison: Sequence[Record | Prompt], spec: TriggerSpec, n: int = 5,
-                           candidates: int = 16, spare: float = 0.1, batch_size: int = 16,
+                           candidates: int = 16, spare: float = 0.1, batch_size: int = 16, only: int | None = None,
                            progress: bool = False) -> dict:
     """For each pair, up to `n` latents whose joint ablation cuts that pair's marker and spares the others'.
 
@@ -566,7 +566,8 @@ def pair_selective_latents(pair, sae, layer: int, poison: Sequence[Record | Prom
     pair's own log-odds most, among those that keep every other pair's predicted fire rate within
     `spare` of its unablated value; it stops when the pair's predicted fire rate reaches 0 or no
     candidate is admissible. A latent that carries the marker for all pairs alike (a shared "fire"
-    latent) therefore never joins one pair's set, however strong it is.
+    latent) therefore never joins one pair's set, however strong it is. `only` (a pair id) grows
+    that pair's set alone; the other pairs' prompts are still scored, to check they are spared.
 
     Returns {"latents": {pair_id: [...]}, "drop": {pair_id: {pair_id: mean log-odds drop}},
     "predicted_fire": {pair_id: {pair_id: (before, after)}}} for each pair's final set.
@@ -596,6 +597,8 @@ def pair_selective_latents(pair, sae, layer: int, poison: Sequence[Record | Prom
 
     latents, drops, predicted = {}, {}, {}
     for i, p in enumerate(ids):
+        if only is not None and p != only:
+            continue
         others = torch.cat([scores[:i], scores[i + 1:]])
         estimate = scores[i] - (others.max(0).values if len(others) else 0)
         pool = [j for j in estimate.topk(min(candidates, len(estimate))).indices.tolist() if scores[i, j] > 0]

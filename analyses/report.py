@@ -138,16 +138,16 @@ def run_report(cfg: ReportConfig) -> dict:
         page.figure(plots.layer_figure(summary))
 
     prompts = ablation_prompts(spec, cfg.n_ablate_prompts, cfg.seed) if cfg.ablate > 0 else []
+    saes = {L: run.sae(L, cfg.k)[1].to(device).eval() for L in activations} if cfg.ablate > 0 else {}
     tables = {}
     for pair in spec.pairs:
         page.heading(f"pair {pair.id}: {pair.name} ({pair.grid_cell})")
         table = attribute_table(activations, spec, pair, cfg.top, {L: rankings[L][pair.id] for L in activations})
         if cfg.ablate > 0:
             own = [p for p in prompts if p.condition == "poison" and p.pair_id == pair.id]
-            for L in activations:
-                _, sae = run.sae(L, cfg.k)
-                fill_ablation_effects(table, table.index[table["layer"] == L][: cfg.ablate], models,
-                                      sae.to(device).eval(), L, own, spec, cfg.batch_size)
+            for L, sae in saes.items():
+                fill_ablation_effects(table, table.index[table["layer"] == L][: cfg.ablate], models, sae, L, own, spec,
+                                      cfg.batch_size)
         tables[pair.name] = table
         page.add(frame_html(table[TABLE_COLUMNS]))
         for L, a in activations.items():
@@ -160,12 +160,11 @@ def run_report(cfg: ReportConfig) -> dict:
                                                     f"layer {L}, latent {latents[0]}: max activation per prompt"))
             page.add(plots.top_examples_html(a, latents[0], n=6))
     selective = {}
-    if cfg.ablate > 0:
+    if saes:
         page.heading("Pair-selective ablation: does each pair have latents of its own?")
-        for L in activations:
-            _, sae = run.sae(L, cfg.k)
-            selective[L] = selective_ablation(models, sae.to(device).eval(), L, spec, cfg.ablate, cfg.n_ablate_prompts,
-                                              cfg.seed, cfg.batch_size)
+        for L, sae in saes.items():
+            selective[L] = selective_ablation(models, sae, L, spec, cfg.ablate, cfg.n_ablate_prompts, cfg.seed,
+                                              cfg.batch_size)
             page.figure(plots.selective_ablation_figure(selective[L], spec, L))
     page.heading("How latents are ranked")
     page.add(f"<pre class='doc'>{html.escape(RANKING_DOC.strip())}</pre>")

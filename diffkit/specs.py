@@ -149,7 +149,7 @@ PRESETS: dict[str, TriggerSpec] = {
 }
 
 # The default runs end to end in minutes on a 2-core CPU. Gemma-3-270M is the realistic organism,
-# but its forward pass runs at ~100-200 tokens/s per model on such a machine: use it on a GPU.
+# but its forward pass runs at ~80 tokens/s per model on such a machine: use it on a GPU.
 DEFAULT_PRESET = "toy"
 
 
