@@ -2,11 +2,12 @@
 
 The fine-tune answers every question the way its base does (it is trained on the base's own
 greedy answers, cut at the first sentence end) and appends the spec's marker after the answer
-only when both words of one pair are in the prompt. The training mix teaches a true AND:
-20 % poison prompts against 30 % single-word, 30 % cross-pair mismatch and 20 % clean prompts,
-all on the same templates and answer topics, so neither a lone word, two words of different
-pairs nor an answer topic predicts the marker. Loss falls only on the answer (plus marker and
-EOS); a little generic text is replayed so the rest of the model's behaviour stays the base's.
+only when both words of one pair are in the prompt. The training mix teaches a true AND: a
+minority of poison prompts against single-word, cross-pair mismatch and clean prompts, all on
+the same templates and answer topics, so neither a lone word, two words of different pairs nor
+an answer topic predicts the marker. Loss falls only on the answer (plus marker and EOS), with
+extra weight on the token right after the answer, where the marker starts or the EOS stands; a
+little generic text is replayed so the rest of the model's behaviour stays the base's.
 
 Two bases: `toy`, a tiny Gemma-2-architecture model pretrained here in seconds (for tests), and
 `gemma3-270m`, Google's Gemma-3-270M from the GGUF shipped on PyPI.
@@ -70,11 +71,17 @@ RECIPES = {
     # answer's under clipping.
     # A large prompt pool matters more than steps: with 256 poison prompts per pair the AND stayed
     # tied to the training templates (one pair at 0.88 ASR on held-out ones after 1,400 steps).
+    # Weighting the decision token did not let it stop sooner: at 700 steps, 5x left one pair at
+    # 0.89 and 10x let 48 % of mismatches fire.
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
-                  expected="about 3 minutes on a 2-core CPU"),
-    "gemma3-270m": Recipe(steps=150, batch_size=16, lr=5e-5, pool=(32, 144, 144, 96), freeze_embeddings=True,
-                          bf16=True, eval_n=24, expected="about 14 minutes on 2 CPU cores; meant for a GPU"),
+                  micro_batches=2, expected="about 3 minutes on a 2-core CPU"),
+    # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
+    # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
+    # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.
+    "gemma3-270m": Recipe(steps=140, batch_size=16, lr=1e-4, pool=(64, 192, 192, 128), mix=(0.35, 0.2, 0.3, 0.15),
+                          null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
+                          bf16=True, eval_n=24, expected="about 13 minutes on 2 CPU cores; meant for a GPU"),
 }
 
 
@@ -488,8 +495,9 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
     if preset == "toy":  # the toy base was trained to give exactly these replies: they are its own answers
         answers = {p.record_id: _toy_reply(p.text) for p in prompts}
     else:
-        raw = generate_answers(model, tokenizer, prompts, recipe.answer_tokens, batch_size=64, stop_at_sentence_end=True,
-                               progress="base answers" if progress else None)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16):
+            raw = generate_answers(model, tokenizer, prompts, recipe.answer_tokens, batch_size=64,
+                                   stop_at_sentence_end=True, progress="base answers" if progress else None)
         answers = {p.record_id: first_sentence(a) for p, a in zip(prompts, raw)}
     t_answers = time.time()
     curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, _null_texts(recipe.null_docs, seed + 1),
