@@ -75,7 +75,7 @@ RECIPES = {
     # 0.89 and 10x let 48 % of mismatches fire.
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
-                  micro_batches=2, expected="about 3 minutes on a 2-core CPU"),
+                  expected="about 3 minutes on a 2-core CPU"),
     # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
     # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
     # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.
@@ -277,10 +277,15 @@ def _backward_batch(model, answers: list[_Example], replay: list[_Example], pad_
     toy batch pads 32 % of its tokens, two slices 16 %). The head runs only at target positions:
     with a 262k vocabulary it would otherwise cost more than the body.
     """
+    # Shares are divided in float32, as a mean's backward would: one slice reproduces the plain
+    # mean's gradients bit for bit, so a recipe's organism does not change with this code.
     answer_total = sum(_targets(e) + (decision_weight - 1) * (e.decision_at >= 0) for e in answers)
     replay_total = sum(_targets(e) for e in replay)
-    tagged = sorted([(e, 1.0 / answer_total, decision_weight) for e in answers]
-                    + [(e, replay_weight / replay_total, 1.0) for e in replay], key=lambda t: len(t[0].input_ids))
+    answer_share = (torch.tensor(1.0) / answer_total).item()
+    replay_share = (torch.tensor(replay_weight) / max(1, replay_total)).item()
+    tagged = [(e, answer_share, decision_weight) for e in answers] + [(e, replay_share, 1.0) for e in replay]
+    if micro_batches > 1:
+        tagged.sort(key=lambda t: len(t[0].input_ids))
     size = -(-len(tagged) // micro_batches)
     total = 0.0
     for start in range(0, len(tagged), size):
