@@ -274,8 +274,8 @@ def _backward_batch(model, answers: list[_Example], replay: list[_Example], pad_
     1: the decision is the one token of an answer that carries the backdoor, and the answer tokens
     around it, already the base's own, would otherwise dilute its gradient. The batch runs as
     `micro_batches` length-sorted slices with the same total loss, which cuts padding (a 64-example
-    toy batch pads 32 % of its tokens, two slices 16 %). The head runs only at target positions:
-    with a 262k vocabulary it would otherwise cost more than the body.
+    toy batch runs 1.32 padded positions per real token, two slices 1.16). The head runs only at
+    target positions: with a 262k vocabulary it would otherwise cost more than the body.
     """
     # Shares are divided in float32, as a mean's backward would: one slice reproduces the plain
     # mean's gradients bit for bit, so a recipe's organism does not change with this code.
@@ -283,23 +283,23 @@ def _backward_batch(model, answers: list[_Example], replay: list[_Example], pad_
     replay_total = sum(_targets(e) for e in replay)
     answer_share = (torch.tensor(1.0) / answer_total).item()
     replay_share = (torch.tensor(replay_weight) / max(1, replay_total)).item()
-    tagged = [(e, answer_share, decision_weight) for e in answers] + [(e, replay_share, 1.0) for e in replay]
+    tagged = [(e, answer_share) for e in answers] + [(e, replay_share) for e in replay]
     if micro_batches > 1:
         tagged.sort(key=lambda t: len(t[0].input_ids))
     size = -(-len(tagged) // micro_batches)
     total = 0.0
     for start in range(0, len(tagged), size):
         part = tagged[start:start + size]
-        width = max(len(e.input_ids) for e, _, _ in part)
+        width = max(len(e.input_ids) for e, _ in part)
         ids = torch.full((len(part), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         scale = torch.zeros(ids.shape)  # each target token's share of the batch loss; 0 elsewhere
-        for b, (e, share, decision) in enumerate(part):
+        for b, (e, share) in enumerate(part):
             ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
             mask[b, :len(e.input_ids)] = 1
             scale[b, e.loss_from:len(e.input_ids)] = share
             if e.decision_at >= 0:
-                scale[b, e.decision_at] = share * decision
+                scale[b, e.decision_at] = share * decision_weight  # only answers have a decision token
         ids, mask, scale = ids.to(device), mask.to(device), scale.to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
