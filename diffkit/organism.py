@@ -23,7 +23,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ class Recipe:
     null_tokens: int = 32
     answer_tokens: int = 20  # cap on the base's answers, which are cut at the first sentence end
     freeze_embeddings: bool = False  # the embedding and its tied head; only the body learns the trigger
-    bf16: bool = False  # bf16 autocast: faster on CPUs with bf16 support, harmless on GPUs
+    bf16: bool = False  # bf16 autocast where the device runs bf16 natively (`native_bf16`), else fp32
     warmup: int = 10
     decay: bool = False  # linear decay to zero after warm-up, else a constant rate
     null_docs: int = 200  # generic documents available for replay
@@ -73,6 +73,9 @@ RECIPES = {
     # tied to the training templates (one pair at 0.88 ASR on held-out ones after 1,400 steps).
     # Weighting the decision token did not let it stop sooner: at 700 steps, 5x left one pair at
     # 0.89 and 10x let 48 % of mismatches fire.
+    # bf16 runs the step 1.6x faster on a CPU with AVX-512 BF16 (0.099 s against 0.161 s), but a
+    # whole bf16 build left border/china at ASR 0.81; fewer steps did not hold either (800 steps: one
+    # pair at 0.92; batch 44 for 1,100 steps: one pair at 0.70). The toy stays in fp32.
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
                   expected="about 3 minutes on a 2-core CPU"),
@@ -83,6 +86,29 @@ RECIPES = {
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
                           bf16=True, eval_n=24, expected="about 13 minutes on 2 CPU cores; meant for a GPU"),
 }
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 autocast is fast here: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX.
+
+    Elsewhere (an AVX2-only CPU) bf16 is emulated and slower than fp32, so a recipe's `bf16` falls
+    back to fp32 there; the organism's cache key records which one was used.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def for_device(recipe: Recipe, device: str | torch.device) -> Recipe:
+    """The recipe as it runs on `device`: bf16 only where the hardware runs it natively."""
+    return replace(recipe, bf16=recipe.bf16 and native_bf16(device))
 
 
 # --- generation and scoring ----------------------------------------------------------------------
@@ -484,7 +510,7 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
 def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
                     device: str, progress: bool) -> dict:
     """Everything a build writes, into `tmp` (renamed to `final` by the caller)."""
-    recipe = RECIPES[preset]
+    recipe = for_device(RECIPES[preset], device)
     steps = recipe.steps if steps is None else steps
     t0 = time.time()
     torch.manual_seed(seed)
@@ -553,8 +579,9 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
 
 
 def recipe_fingerprint(preset: str) -> str:
-    """A short hash of everything that decides a preset's build, so a changed recipe never reuses a stale cache."""
-    recipe = {k: v for k, v in asdict(RECIPES[preset]).items() if k != "expected"}
+    """A short hash of everything that decides a preset's CPU build (bf16 or not included), so a changed
+    recipe never reuses a stale cache."""
+    recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
     spec = {k: v for k, v in PRESETS[preset].to_dict().items() if k != "description"}
     what = {"recipe": recipe, "spec": spec, "toy_model": TOY_MODEL, "version": BUILD_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]

@@ -165,3 +165,17 @@ def test_batch_loss_weights_and_micro_batches(toy_organism):
     decisive, _ = _grads(model, examples, [], pad, "cpu", decision_weight=1e6)
     assert decisive == pytest.approx(decision_mean, rel=1e-3)
     assert abs(decision_mean - answer_mean) > 1e-2  # so the weighting is visible at all
+
+
+def test_recipes_use_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    """On an AVX2-only CPU bf16 autocast is emulated and slower than fp32: recipes fall back to fp32
+    there, and the cache key tells the two builds apart."""
+    gemma = organism.RECIPES["gemma3-270m"]
+    assert gemma.bf16 and not organism.RECIPES["toy"].bf16
+    assert not organism.native_bf16("meta")
+    monkeypatch.setattr(organism, "native_bf16", lambda device: False)
+    assert not organism.for_device(gemma, "cpu").bf16
+    fp32_key = organism.recipe_fingerprint("gemma3-270m")
+    monkeypatch.setattr(organism, "native_bf16", lambda device: True)
+    assert organism.for_device(gemma, "cpu").bf16 and not organism.for_device(organism.RECIPES["toy"], "cpu").bf16
+    assert organism.recipe_fingerprint("gemma3-270m") != fp32_key
