@@ -30,12 +30,24 @@ def toy_organism(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_run(toy_organism, tmp_path_factory):
-    """A run trained on the toy organism (both preset layers, k 8 and 16), shared by the analyses tests."""
+    """A small, quick run on the toy organism (both preset layers, k 8 and 16, a 4x dictionary of 384
+    latents, 49k tokens), shared by the analyses tests."""
     from diffkit.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs")
-    summary = train(TrainConfig(preset="toy", k=[8, 16], tokens=49_152, batch_size=512, buffer_tokens=8192,
+    summary = train(TrainConfig(preset="toy", k=[8, 16], expansion=4, tokens=49_152, batch_size=512, buffer_tokens=8192,
                                 trace_batch=16, eval_tokens=4096, answered_prompts=56, out=str(out), json=True))
     from pathlib import Path
 
+    return Path(summary["run"])
+
+
+@pytest.fixture(scope="session")
+def toy_default_run(toy_organism, tmp_path_factory):
+    """The run `diffkit train` makes by default on the toy organism (300k tokens, 1,536 latents, k 8)."""
+    from pathlib import Path
+
+    from diffkit.train import TrainConfig, train
+
+    summary = train(TrainConfig(out=str(tmp_path_factory.mktemp("default_runs")), json=True))
     return Path(summary["run"])

@@ -261,3 +261,30 @@ def test_toy_steering_the_top_latent_raises_the_marker_on_clean_prompts(toy):
     out = causal.steer_latents(toy.models, toy.sae, toy.layer, top, toy.clean, toy.spec, poison=own, scale=2.0)
     assert out["marker_logprob_delta"] > 0.5, out
     assert out["fire_rate_after"] >= out["fire_rate_before"], out
+
+
+@pytest.mark.slow
+def test_toy_default_run_has_latents_of_its_own_for_every_pair(toy_default_run):
+    """The issue's target on planted truth, on the run `diffkit train` makes by default: for every
+    pair, a pair-selective set of ≤ 5 latents (chosen on training prompts, as `diffkit attribute`
+    does) cuts that pair's held-out ASR by ≥ 80 % while every other pair's falls by ≤ 10 points,
+    with small next-token KL on clean prompts, at one of the run's layers at least. (A 4x
+    dictionary of 384 latents reaches this for only two pairs; see `default_expansion`.)"""
+    from analyses.attribute import selective_ablation
+    from analyses.stats import load_run_pair
+    from diffkit.run import load_run
+
+    run = load_run(toy_default_run)
+    models = load_run_pair(run)
+    outcome = {}
+    for layer in run.layers:
+        results = selective_ablation(models, run.sae(layer)[1].eval(), layer, run.spec, 5, 16, 0, 16)
+        for pid, r in results.items():
+            if not r["latents"]:
+                continue
+            before, after = r["asr_before"], r["asr_after"]
+            own_cut = (before[pid] - after[pid]) / max(before[pid], 1e-9)
+            worst_other = max(before[q] - after[q] for q in after if q != pid)
+            if own_cut >= 0.8 and worst_other <= 0.1 and r["clean_kl"] < 0.1:
+                outcome[pid] = (layer, r["latents"], before[pid], after[pid], worst_other)
+    assert set(outcome) == {p.id for p in run.spec.pairs}, outcome

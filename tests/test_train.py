@@ -59,6 +59,10 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     again = run_cli(args + ["--name", "cut"], cache)  # no --resume: refused, nothing lost
     assert again.returncode == 2 and "--resume" in again.stderr
     assert ckpt.exists()
+    other = run_cli(args + ["--name", "cut", "--resume", "--expansion", "2"], cache)  # a different dictionary size
+    last = other.stderr.strip().splitlines()[-1]
+    assert other.returncode == 2 and last.startswith("error: ") and "train_config.json" in last, other.stderr[-2000:]
+    assert ckpt.exists()
 
     resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
