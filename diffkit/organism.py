@@ -189,6 +189,16 @@ def _marker_tokens(tokenizer, spec: TriggerSpec) -> int:
     return len(tokenizer(spec.marker, add_special_tokens=False)["input_ids"])
 
 
+def eval_budget(answer_tokens: int, tokenizer, spec: TriggerSpec) -> int:
+    """New tokens an evaluation generates: twice the training answers' cap, then the marker and EOS.
+
+    The fine-tune puts the marker after its own answer, and on held-out prompts that answer can run
+    past the cap its training answers had; a budget of exactly cap + marker cut such answers before
+    the marker and counted them as silent (3 of 4 misses in one Gemma-3-270M trial).
+    """
+    return 2 * answer_tokens + _marker_tokens(tokenizer, spec) + 2
+
+
 def evaluate_model(hf_model, tokenizer, spec: TriggerSpec, n_per_condition: int = 32, batch_size: int = 32,
                    max_new_tokens: int = 48, seed: int = 0) -> dict:
     """ASR per pair and false-trigger rate per negative condition, from greedy answers to held-out prompts."""
@@ -236,7 +246,7 @@ def evaluate_organism(source: str | Path, spec: TriggerSpec | None = None, n_per
     model, tokenizer = load_model(finetuned, dtype=dtype, device=device)
     if max_new_tokens is None:
         answer = build.get("recipe", {}).get("answer_tokens")
-        max_new_tokens = answer + _marker_tokens(tokenizer, spec) + 2 if answer else 64
+        max_new_tokens = eval_budget(answer, tokenizer, spec) if answer else 64
     return evaluate_model(model, tokenizer, spec, n_per_condition, batch_size, max_new_tokens)
 
 
@@ -536,8 +546,8 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
     t_train = time.time()
     model.save_pretrained(tmp / "finetuned", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "finetuned")
-    max_new = recipe.answer_tokens + _marker_tokens(tokenizer, spec) + 2
-    result = evaluate_model(model, tokenizer, spec, recipe.eval_n, batch_size=64, max_new_tokens=max_new)
+    result = evaluate_model(model, tokenizer, spec, recipe.eval_n, batch_size=64,
+                            max_new_tokens=eval_budget(recipe.answer_tokens, tokenizer, spec))
     t_eval = time.time()
     organism_spec = spec.with_models(str(final / "base"), str(final / "finetuned"))
     if not organism_spec.layers:
