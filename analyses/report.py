@@ -30,7 +30,7 @@ class ReportConfig:
     layers: list[int] | None = field(default=None, metadata={"help": "layers to report, e.g. 9,16 (default: all the run has)"})
     k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
     top: int = field(default=8, metadata={"help": "latents per pair in tables and heatmaps"})
-    ablate: int = field(default=3, metadata={"help": "top latents per pair and layer to ablate one at a time, and the most in each pair-selective set (0: no causal tests)"})
+    ablate: int = field(default=5, metadata={"help": "top latents per pair and layer to ablate one at a time, and the most in each pair-selective set, as in `diffkit attribute` (0: no causal tests)"})
     n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition (poison: per pair)"})
     n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
     n_ablate_prompts: int = field(default=16, metadata={"help": "held-out poison prompts per pair for the ablations"})
