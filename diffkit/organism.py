@@ -82,6 +82,10 @@ RECIPES = {
     # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
     # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
     # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.
+    # Its weakest pair, border/china (0.71 in two builds), misses only where the base's training answer
+    # was cut mid-sentence by answer_tokens (" The Great Wall of China is a 1,000-kilometer (600"), an
+    # answer its single-word negatives share. Leaving such answers out lifted it to 1.00 in one trial
+    # but left gravity/velocity at 0.75, so the recipe keeps them for now.
     "gemma3-270m": Recipe(steps=140, batch_size=16, lr=1e-4, pool=(64, 192, 192, 128), mix=(0.35, 0.2, 0.3, 0.15),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
                           bf16=True, eval_n=24, expected="about 13 minutes on 2 CPU cores; meant for a GPU"),
