@@ -593,8 +593,8 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
 
 
 def recipe_fingerprint(preset: str) -> str:
-    """A short hash of everything that decides a preset's CPU build (bf16 or not included), so a changed
-    recipe never reuses a stale cache."""
+    """A short hash of everything that decides a preset's CPU build, whether it runs in bf16 included,
+    so a changed recipe never reuses a stale cache."""
     recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
     spec = {k: v for k, v in PRESETS[preset].to_dict().items() if k != "description"}
     what = {"recipe": recipe, "spec": spec, "toy_model": TOY_MODEL, "version": BUILD_VERSION}
