@@ -167,6 +167,21 @@ def test_batch_loss_weights_and_micro_batches(toy_organism):
     assert abs(decision_mean - answer_mean) > 1e-2  # so the weighting is visible at all
 
 
+def test_frozen_head_cast_once_gives_the_same_loss_and_gradient(toy_organism):
+    """A frozen head cast to bf16 once before training is the cast autocast makes per micro-batch."""
+    model, tok, _, examples, replay = _toy_examples(toy_organism)
+    model.requires_grad_(True)
+    model.get_input_embeddings().requires_grad_(False)
+    head = organism._frozen_bf16_head(model)
+    assert head is not None and head.dtype == torch.bfloat16
+    args = (examples, replay, tok.pad_token_id, "cpu")
+    each, each_grad = _grads(model, *args, micro_batches=2, bf16=True)
+    once, once_grad = _grads(model, *args, micro_batches=2, bf16=True, head=head)
+    assert once == each and torch.equal(once_grad, each_grad)
+    model.get_input_embeddings().requires_grad_(True)
+    assert organism._frozen_bf16_head(model) is None  # a learning head is cast (and cached) by autocast
+
+
 def test_recipes_use_bf16_only_where_the_hardware_runs_it(monkeypatch):
     """On an AVX2-only CPU bf16 autocast is emulated and slower than fp32: recipes fall back to fp32
     there, and the cache key tells the two builds apart."""
