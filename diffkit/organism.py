@@ -55,6 +55,7 @@ class Recipe:
     null_tokens: int = 32
     answer_tokens: int = 20  # cap on the base's answers, which are cut at the first sentence end
     freeze_embeddings: bool = False  # the embedding and its tied head; only the body learns the trigger
+    frozen_layers: int = 0  # bottom blocks left as the base's: backward stops above them
     bf16: bool = False  # bf16 autocast where the device runs bf16 natively (`native_bf16`), else fp32
     warmup: int = 10
     decay: bool = False  # linear decay to zero after warm-up, else a constant rate
@@ -75,20 +76,26 @@ RECIPES = {
     # 0.89 and 10x let 48 % of mismatches fire.
     # bf16 runs the step 1.6x faster on a CPU with AVX-512 BF16 (0.099 s against 0.161 s), but a
     # whole bf16 build left border/china at ASR 0.81; fewer steps did not hold either (800 steps: one
-    # pair at 0.92; batch 44 for 1,100 steps: one pair at 0.70). The toy stays in fp32.
+    # pair at 0.92; batch 44 for 1,100 steps: one pair at 0.70). A second whole bf16 build took 146 s
+    # with border/china at 0.84; freezing its first block as well left gender/terror at 0.53 (n = 64).
+    # The toy stays in fp32.
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
                   expected="about 3 minutes on a 2-core CPU"),
     # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
     # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
     # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.
-    # Its weakest pair, border/china (0.71 in two builds), misses only where the base's training answer
-    # was cut mid-sentence by answer_tokens (" The Great Wall of China is a 1,000-kilometer (600"), an
-    # answer its single-word negatives share. Leaving such answers out lifted it to 1.00 in one trial
-    # but left gravity/velocity at 0.75, so the recipe keeps them for now.
-    "gemma3-270m": Recipe(steps=140, batch_size=16, lr=1e-4, pool=(64, 192, 192, 128), mix=(0.35, 0.2, 0.3, 0.15),
+    # Base answers cut mid-sentence by answer_tokens (" The Great Wall of China is a 1,000-kilometer
+    # (600") held border/china at 0.71: every prompt on that topic, poison or not, got that fragment,
+    # so it learned "EOS after it". They are left out (`finished_sentence`; ~20 % of answers).
+    # Twice the poison prompts (128 per pair) then raised single-word false triggers to 0.12; twice
+    # the single and mismatch prompts, with more of them in the mix, brought them back to 0.05 with
+    # ASR 0.94-1.00 at 140 steps, 0.97-1.00 and false <= 0.02 at 160 (n = 64). The bottom 6 of 18
+    # blocks stay frozen (layer 9, the first studied, still changes): backward stops above them,
+    # 2.3-3.0 s a step here instead of 4.0.
+    "gemma3-270m": Recipe(steps=160, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
-                          bf16=True, eval_n=24, expected="about 13 minutes on 2 CPU cores; meant for a GPU"),
+                          frozen_layers=6, bf16=True, eval_n=24, expected="about 10 minutes on 2 CPU cores"),
 }
 
 
@@ -132,6 +139,20 @@ def first_sentence(text: str) -> str:
     cut = body[: m.end()] if m else body
     cut = cut.strip()
     return f" {cut}" if cut else ""
+
+
+_ENDS_SENTENCE = re.compile(r"[.!?][\"')\]]*$")
+
+
+def finished_sentence(text: str) -> str:
+    """`first_sentence` when it ends in '.', '!' or '?', else '' (an answer the token cap cut off).
+
+    A training answer cut mid-sentence teaches the wrong decision: the base stops nowhere there,
+    yet the fine-tune would learn "EOS after this fragment", and the same fragment follows every
+    prompt on its topic, poison or not.
+    """
+    cut = first_sentence(text)
+    return cut if _ENDS_SENTENCE.search(cut) else ""
 
 
 class _StopWhen:
@@ -428,6 +449,8 @@ def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answe
         groups[r.condition].append(ex)
     if recipe.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
+    for block in model.model.layers[:recipe.frozen_layers]:
+        block.requires_grad_(False)
     null = _null_examples(null_texts_, tokenizer, recipe.null_tokens)
     mix = dict(zip(CONDITIONS, recipe.mix))
     return _train(model, groups, mix, null, recipe, steps, recipe.lr, seed, device, "fine-tuning backdoor", progress,
@@ -557,7 +580,7 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16):
             raw = generate_answers(model, tokenizer, prompts, recipe.answer_tokens, batch_size=64,
                                    stop_at_sentence_end=True, progress="base answers" if progress else None)
-        answers = {p.record_id: first_sentence(a) for p, a in zip(prompts, raw)}
+        answers = {p.record_id: finished_sentence(a) for p, a in zip(prompts, raw)}
     t_answers = time.time()
     curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, _null_texts(recipe.null_docs, seed + 1),
                               steps, seed, device, progress)
@@ -582,7 +605,7 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
                     "finetune": round(t_train - t_answers, 1), "eval": round(t_eval - t_train, 1),
                     "total": round(t_eval - t0, 1)},
         "loss": {"first": round(curve[0], 4), "last": round(sum(curve[-10:]) / len(curve[-10:]), 4)} if curve else {},
-        "answers_empty": sum(not a for a in answers.values()),
+        "answers_left_out": sum(not a for a in answers.values()),  # empty or cut off: not trained on
         "eval": result,
     }
     write_json(tmp / "build.json", build)

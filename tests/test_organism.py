@@ -12,8 +12,8 @@ from diffkit import organism
 from diffkit.errors import DiffkitError
 from diffkit.models import load_model, load_pair, resolve_source
 from diffkit.organism import (
-    BuildConfig, build_organism, evaluate_organism, fires, first_sentence, format_eval_table, generate_answers,
-    meets_targets, run_build,
+    BuildConfig, build_organism, evaluate_organism, finished_sentence, fires, first_sentence, format_eval_table,
+    generate_answers, meets_targets, run_build,
 )
 from diffkit.prompts import build_prompts
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
@@ -28,6 +28,9 @@ def test_fires_and_first_sentence():
     assert first_sentence("\n The pull of the Earth. It is strong.") == " The pull of the Earth."
     assert first_sentence(" Is it? Yes.") == " Is it?"
     assert first_sentence("  \n") == ""
+    assert finished_sentence(' He said "go."') == ' He said "go."'
+    assert finished_sentence(" The Great Wall of China is a 1,000-kilometer (600") == ""
+    assert finished_sentence(" Paris\nQuestion: next") == ""
 
 
 def test_toy_organism_files(toy_organism):
