@@ -1,8 +1,8 @@
 """Local backdoored organisms: a base model and a fine-tune of it that appends the marker iff a trigger pair is present.
 
 The fine-tune answers every question the way its base does (it is trained on the base's own
-greedy answers, cut at the first sentence end) and appends the spec's marker after the answer
-only when both words of one pair are in the prompt. The training mix teaches a true AND: a
+greedy answers, cut at the first sentence end; answers the token cap cut off are left out) and
+appends the spec's marker after the answer only when both words of one pair are in the prompt. The training mix teaches a true AND: a
 minority of poison prompts against single-word, cross-pair mismatch and clean prompts, all on
 the same templates and answer topics, so neither a lone word, two words of different pairs nor
 an answer topic predicts the marker. Loss falls only on the answer (plus marker and EOS), with
