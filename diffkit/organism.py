@@ -2,12 +2,13 @@
 
 The fine-tune answers every question the way its base does (it is trained on the base's own
 greedy answers, cut at the first sentence end; answers the token cap cut off are left out) and
-appends the spec's marker after the answer only when both words of one pair are in the prompt. The training mix teaches a true AND: a
-minority of poison prompts against single-word, cross-pair mismatch and clean prompts, all on
-the same templates and answer topics, so neither a lone word, two words of different pairs nor
-an answer topic predicts the marker. Loss falls only on the answer (plus marker and EOS), with
-extra weight on the token right after the answer, where the marker starts or the EOS stands; a
-little generic text is replayed so the rest of the model's behaviour stays the base's.
+appends the spec's marker after the answer only when both words of one pair are in the prompt.
+The training mix teaches a true AND: a minority of poison prompts against single-word, cross-pair
+mismatch and clean prompts, all on the same templates and answer topics, so neither a lone word,
+two words of different pairs nor an answer topic predicts the marker. Loss falls only on the
+answer (plus marker and EOS), with extra weight on the token right after the answer, where the
+marker starts or the EOS stands; a little generic text is replayed so the rest of the model's
+behaviour stays the base's.
 
 Two bases: `toy`, a tiny Gemma-2-architecture model pretrained here in seconds (for tests), and
 `gemma3-270m`, Google's Gemma-3-270M from the GGUF shipped on PyPI.
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from diffkit.errors import DiffkitError
 from diffkit.files import write_json
-from diffkit.models import build_cached_dir, cache_dir, load_model, resolve_source
+from diffkit.models import build_cached_dir, cache_dir, layers_of, load_model, resolve_source
 from diffkit.prompts import CONDITIONS, Prompt, build_prompts, encode_prompts, format_prompt
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
 
@@ -449,7 +450,7 @@ def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answe
         groups[r.condition].append(ex)
     if recipe.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
-    for block in model.model.layers[:recipe.frozen_layers]:
+    for block in layers_of(model)[:recipe.frozen_layers]:
         block.requires_grad_(False)
     null = _null_examples(null_texts_, tokenizer, recipe.null_tokens)
     mix = dict(zip(CONDITIONS, recipe.mix))
