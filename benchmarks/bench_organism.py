@@ -1,0 +1,48 @@
+"""Organism builds across seeds: build time and held-out behaviour, each beside its target.
+
+One build of a recipe says little: the toy's first recipe met every target on its build seed and
+fired on 70 % of mismatches on seed 1. This builds the preset (or a custom spec on its base) once
+per seed into a temporary directory and prints the build time against the preset's time target,
+and ASR per pair and false-trigger rates at n held-out prompts per condition against 0.95 / 0.05.
+
+    python benchmarks/bench_organism.py --preset toy --seeds 0 1 2
+    python benchmarks/bench_organism.py --preset toy --spec my.toml --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from diffkit.organism import build_organism, evaluate_organism, meets_targets
+from diffkit.specs import load_spec
+
+TIME_TARGET_S = {"toy": 120, "gemma3-270m": 600}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="toy", choices=sorted(TIME_TARGET_S))
+    ap.add_argument("--spec", help="custom spec file built on the preset's base (default: the preset's own pairs)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--n", type=int, default=64, help="held-out prompts per pair and per negative condition")
+    args = ap.parse_args()
+    spec = load_spec(args.spec) if args.spec else None
+    target = TIME_TARGET_S[args.preset]
+    print(f"{'seed':>4} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         false single/mismatch/clean (<= 0.05)  met")
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            out = build_organism(args.preset, Path(tmp) / "organism", seed=seed, progress=False, spec=spec)
+            seconds = time.perf_counter() - start
+            result = evaluate_organism(out, n_per_condition=args.n, batch_size=64)
+        asr = " ".join(f"{rate:.2f}" for rate in result["asr"].values())
+        false = " ".join(f"{rate:.2f}" for rate in result["false_trigger"].values())
+        met = meets_targets(result) and seconds <= target
+        print(f"{seed:>4} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
