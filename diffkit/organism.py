@@ -90,9 +90,10 @@ RECIPES = {
     # the small toy's fine-tune traded one miss for another: 0.03 fixed the custom build (1.00, 0.98)
     # but left seeds 0 and 2 at 0.91 and 0.94 on a pair; 0.01 left the custom build at 0.41.
     # 40 more training templates (80) then let the small toy with both changes meet every organism
-    # target on 4-pair seeds 0-2 and custom seeds 0-1 in 83-95 s a build, but its difference SAEs no
-    # longer carry the planted truth: pair-selective sets of <= 5 latents silenced 1 of 4 pairs at
-    # its layers 1-2 (2 of 4 at layer 0, with 1,536 or 512 latents) where this toy's silence all 4,
+    # target on 4-pair seeds 0-2 and custom seeds 0-1 in 83-95 s a build (on an Intel Xeon), but its
+    # difference SAEs did not carry the planted truth: pair-selective sets of <= 5 latents silenced 1
+    # of 4 pairs at its layers 1-2 (2 of 4 at layer 0, with 1,536 or 512 latents), where this toy's
+    # AMD EPYC build silences all 4 (its Intel Xeon build silences none: see the README),
     # and ablating any one of a pair's top 5 attribution latents lowered the marker's mean log-prob by
     # 0.02 at most. On this toy the 80 templates with both changes let 48 % of mismatches fire (seed 1;
     # at 600 steps, 112-114 s: 14 % on seed 0, 48 % on seed 1). Nothing here was kept.
