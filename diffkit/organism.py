@@ -97,6 +97,14 @@ RECIPES = {
     # and ablating any one of a pair's top 5 attribution latents lowered the marker's mean log-prob by
     # 0.02 at most. On this toy the 80 templates with both changes let 48 % of mismatches fire (seed 1;
     # at 600 steps, 112-114 s: 14 % on seed 0, 48 % on seed 1). Nothing here was kept.
+    # Restricting what the fine-tune changes did not plant pair-selective latents either (Intel Xeon,
+    # seed 0, n = 64, sets of <= 5 latents chosen as `diffkit attribute` does, layers 0-2): with the top
+    # block and final norm frozen, ASR 0.94, 0.94, 0.84, 0.94 and no pair silenced (nor with sets of
+    # <= 12), though ablating all of the SAE's latents silenced every pair at every layer; training
+    # only blocks 1-2 and the trigger words' and marker's embedding rows, 1.00, 0.84, 1.00, 0.98 with
+    # no false triggers and no pair silenced; with their attention frozen too (0.31-0.45), only block
+    # 2 (mismatch 0.25), or the embeddings frozen (<= 0.34: the base never saw the marker's tokens)
+    # the AND was not learned.
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
                   expected="about 3 minutes on a 2-core CPU"),
