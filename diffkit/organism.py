@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from diffkit.errors import DiffkitError
@@ -37,7 +38,7 @@ from diffkit.models import build_cached_dir, cache_dir, layers_of, load_model, r
 from diffkit.prompts import CONDITIONS, Prompt, build_prompts, encode_prompts, format_prompt
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
 
-BUILD_VERSION = 2  # bump when the build code changes what a recipe produces
+BUILD_VERSION = 3  # bump when the build code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Recipe:
     null_per_batch: int = 2  # generic-text chunks replayed in every batch
     null_weight: float = 1.0  # weight of the replay loss beside the answer loss
     decision_weight: float = 1.0  # weight of the token after the answer (marker or EOS) among the answer tokens
+    average_decay: float = 0.0  # the fine-tune keeps a moving average of its weights with this decay (0: none)
     micro_batches: int = 1  # length-sorted slices a batch runs in (same loss, less padding)
     null_tokens: int = 32
     answer_tokens: int = 20  # cap on the base's answers, which are cut at the first sentence end
@@ -73,41 +75,25 @@ RECIPES = {
     # answer's under clipping.
     # A large prompt pool matters more than steps: with 256 poison prompts per pair the AND stayed
     # tied to the training templates (one pair at 0.88 ASR on held-out ones after 1,400 steps).
-    # Weighting the decision token did not let it stop sooner: at 700 steps, 5x left one pair at
-    # 0.89 and 10x let 48 % of mismatches fire.
-    # bf16 runs the step 1.6x faster on a CPU with AVX-512 BF16 (0.099 s against 0.161 s), but a
-    # whole bf16 build left border/china at ASR 0.81; fewer steps did not hold either (800 steps: one
-    # pair at 0.92; batch 44 for 1,100 steps: one pair at 0.70). A second whole bf16 build took 146 s
-    # with border/china at 0.84; freezing its first block as well left gender/terror at 0.53 (n = 64).
-    # The toy stays in fp32.
-    # The preset builds seed 0; other seeds each miss a target (n = 64, benchmarks/bench_organism.py):
-    # seed 1 fires on 70 % of mismatches (on training templates too: the AND is underfit), seed 2
-    # leaves border/china at 0.81. Probes every 100 steps showed the held-out AND swinging at this
-    # rate (one pair 0.98 -> 0.56 -> 0.98). A 3x decision weight with a moving average of the weights
-    # fixed seeds 0-2 on a 3-layer, d_model-64 toy built in 92-100 s, but its custom 2-pair build
-    # fell to 0.44 on one pair (it peaked at 0.97 at step 500, then overfit the training templates);
-    # on this toy the same two changes left seed 1 at 0.52 on one pair. Adding AdamW weight decay to
-    # the small toy's fine-tune traded one miss for another: 0.03 fixed the custom build (1.00, 0.98)
-    # but left seeds 0 and 2 at 0.91 and 0.94 on a pair; 0.01 left the custom build at 0.41.
-    # 40 more training templates (80) then let the small toy with both changes meet every organism
-    # target on 4-pair seeds 0-2 and custom seeds 0-1 in 83-95 s a build (on an Intel Xeon), but its
-    # difference SAEs did not carry the planted truth: pair-selective sets of <= 5 latents silenced 1
-    # of 4 pairs at its layers 1-2 (2 of 4 at layer 0, with 1,536 or 512 latents), where this toy's
-    # AMD EPYC build silences all 4 (its Intel Xeon build silences none: see the README),
-    # and ablating any one of a pair's top 5 attribution latents lowered the marker's mean log-prob by
-    # 0.02 at most. On this toy the 80 templates with both changes let 48 % of mismatches fire (seed 1;
-    # at 600 steps, 112-114 s: 14 % on seed 0, 48 % on seed 1). Nothing here was kept.
-    # Restricting what the fine-tune changes did not plant pair-selective latents either (Intel Xeon,
-    # seed 0, n = 64, sets of <= 5 latents chosen as `diffkit attribute` does, layers 0-2): with the top
-    # block and final norm frozen, ASR 0.94, 0.94, 0.84, 0.94 and no pair silenced (nor with sets of
-    # <= 12), though ablating all of the SAE's latents silenced every pair at every layer; training
-    # only blocks 1-2 and the trigger words' and marker's embedding rows, 1.00, 0.84, 1.00, 0.98 with
-    # no false triggers and no pair silenced; with their attention frozen too (0.31-0.45), only block
-    # 2 (mismatch 0.25), or the embeddings frozen (<= 0.34: the base never saw the marker's tokens)
-    # the AND was not learned.
+    # At this rate the held-out AND swings from step to step (one pair 0.98 -> 0.56 -> 0.98 in probes
+    # every 100 steps), so the fine-tune ends on a moving average of its weights (decay 0.99), and the
+    # decision token weighs 3x. Without them an earlier 4-layer, d_model-96 toy met every organism
+    # target on its build seed only (seed 1 fired on 70 % of mismatches, seed 2 left one pair at
+    # 0.81), in 170-210 s a build. With them this 3-layer, d_model-64 toy (half the step time) and 80
+    # training templates met every target on 4-pair seeds 0-2 and custom 2-pair seeds 0-1, in 83-95 s
+    # (Intel Xeon, n = 64, benchmarks/bench_organism.py); with 40 templates the custom spec overfit
+    # them (one pair 0.97 at step 500, 0.44 at the end).
+    # Tried and not kept: bf16 (a 1.6x faster step, but a whole d_model-96 build left border/china at
+    # 0.81, and fewer steps or smaller batches did not hold); AdamW weight decay (0.03 fixed the custom
+    # spec on 40 templates but left 4-pair seeds at 0.91 and 0.94 on a pair); a 5-10x decision weight
+    # (at 700 steps, 48 % of mismatches fired); fine-tunes restricted to some blocks or embedding rows
+    # of the d_model-96 toy, to plant pair-selective latents (top block frozen: one pair at 0.84, no
+    # pair silenced by <= 12 latents; blocks 1-2 and the trigger and marker embedding rows only: one
+    # pair at 0.84, none silenced; attention, all but one block or the embeddings frozen too: the AND
+    # was not learned, ASR <= 0.45 or 25 % of mismatches firing).
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
-                  decay=True, warmup=20, base_steps=150, base_lr=1e-2, null_docs=400, null_weight=0.1,
-                  expected="about 3 minutes on a 2-core CPU"),
+                  decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
+                  null_docs=400, null_weight=0.1, expected="about 1.5 minutes on a 2-core CPU"),
     # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
     # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
     # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.
@@ -414,11 +400,17 @@ def _frozen_bf16_head(model) -> torch.Tensor | None:
 
 def _train(model, groups: dict[str, list[_Example]], mix: dict[str, float], null: list[_Example], recipe: Recipe,
            steps: int, lr: float, seed: int, device, desc: str, progress: bool, replay_weight: float = 1.0,
-           decision_weight: float = 1.0) -> list[float]:
-    """AdamW on answer tokens (mixed by condition) plus replayed generic text; returns the loss curve."""
+           decision_weight: float = 1.0, average_decay: float = 0.0) -> list[float]:
+    """AdamW on answer tokens (mixed by condition) plus replayed generic text; returns the loss curve.
+
+    With `average_decay`, the model ends with an exponential moving average of its weights over
+    the steps rather than the last step's: at a high rate the held-out AND swings from step to
+    step, and the average smooths that out.
+    """
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(average_decay)) if average_decay else None
     def rate(step: int) -> float:
         return min(1.0, (step + 1) / max(1, recipe.warmup)) * ((steps - step) / steps if recipe.decay else 1.0)
 
@@ -439,7 +431,13 @@ def _train(model, groups: dict[str, list[_Example]], mix: dict[str, float], null
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
+    if averaged is not None:
+        with torch.no_grad():
+            for weight, mean in zip(model.parameters(), averaged.module.parameters()):
+                weight.copy_(mean)
     model.eval()
     return curve
 
@@ -480,7 +478,7 @@ def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answe
     null = _null_examples(null_texts_, tokenizer, recipe.null_tokens)
     mix = dict(zip(CONDITIONS, recipe.mix))
     return _train(model, groups, mix, null, recipe, steps, recipe.lr, seed, device, "fine-tuning backdoor", progress,
-                  recipe.null_weight, recipe.decision_weight)
+                  recipe.null_weight, recipe.decision_weight, recipe.average_decay)
 
 
 # --- bases ---------------------------------------------------------------------------------------
@@ -539,7 +537,7 @@ def _toy_tokenizer(texts: list[str], vocab_size: int = 2048):
                                    unk_token="<unk>")
 
 
-TOY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
+TOY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
                  head_dim=16, query_pre_attn_scalar=16)
 
 

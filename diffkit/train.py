@@ -37,7 +37,7 @@ class TrainConfig:
     finetuned: str | None = field(default=None, metadata={"help": "fine-tuned model, same forms as --base (overrides the preset)"})
     layers: list[int] | None = field(default=None, metadata={"help": "decoder layers whose output to diff, e.g. 9,16 (default: the preset's)"})
     k: list[int] | None = field(default=None, metadata={"help": "active latents per token; several values train side by side from one stream, e.g. 32,64 (default: d_model/16 rounded to a power of two, at least 8: 8 for the toy, 32 for Gemma-3-270M, 128 for Gemma-2-2B as published)"})
-    expansion: int | None = field(default=None, metadata={"help": "dictionary size as a multiple of d_model (default: 4 as published, raised so the dictionary has at least 1,536 latents: 16 for the toy, 4 for Gemma-3-270M and Gemma-2-2B)"})
+    expansion: int | None = field(default=None, metadata={"help": "dictionary size as a multiple of d_model (default: 4 as published, raised so the dictionary has at least 1,536 latents: 24 for the toy, 4 for Gemma-3-270M and Gemma-2-2B)"})
     tokens: int = field(default=300_000, metadata={"help": "training tokens each SAE sees"})
     batch_size: int = field(default=1024, metadata={"help": "tokens per SAE optimisation step"})
     buffer_tokens: int = field(default=65_536, metadata={"help": "shuffle-buffer size in tokens; bounds memory"})
@@ -97,7 +97,7 @@ def default_expansion(d_model: int) -> int:
     """4× d_model as published, but never fewer than MIN_DICT_SIZE latents.
 
     A narrow model's 4× dictionary is too small to give each trigger pair latents of its own: on
-    the toy (d_model 96), 384 latents gave pair-selective sets to 2 of its 4 pairs, 768 to 3 and
+    an earlier toy (d_model 96), 384 latents gave pair-selective sets to 2 of its 4 pairs, 768 to 3 and
     1,536 to all 4, at the same FVE within 0.04.
     """
     return max(4, -(-MIN_DICT_SIZE // d_model))

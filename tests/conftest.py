@@ -30,7 +30,7 @@ def toy_organism(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_run(toy_organism, tmp_path_factory):
-    """A small, quick run on the toy organism (both preset layers, k 8 and 16, a 4x dictionary of 384
+    """A small, quick run on the toy organism (both preset layers, k 8 and 16, a 4x dictionary of 256
     latents, 49k tokens), shared by the analyses tests."""
     from diffkit.train import TrainConfig, train
 
