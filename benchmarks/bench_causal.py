@@ -11,8 +11,9 @@ Speed, each figure printed beside its alternative:
 With --run, per layer and pair: the top attribution candidates on the pair's poison prompts,
 their real ablation effect and rank agreement, the pair's ASR before → after ablating them
 together, the largest ASR drop of any other pair, clean next-token KL, and steering the top
-latent on clean prompts; then each pair's pair-selective set (`diffkit attribute --joint`) against
-the target beside it. Whether a toy build has such sets depends on the build (see the README). Without --run the SAE is random (thresholded), enough for timing.
+latent on clean prompts; then each pair's pair-selective set (`diffkit attribute --joint`) beside
+the target, which some toy builds meet and others do not (see the README). Without --run the SAE
+is random (thresholded), enough for timing.
 
     python benchmarks/bench_causal.py --preset toy --prompts 32
     python benchmarks/bench_causal.py --run runs/toy --prompts 16

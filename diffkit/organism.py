@@ -93,7 +93,7 @@ RECIPES = {
     # was not learned, ASR <= 0.45 or 25 % of mismatches firing).
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
-                  null_docs=400, null_weight=0.1, expected="about 1.5 minutes on a 2-core CPU"),
+                  null_docs=400, null_weight=0.1, expected="under 2 minutes on a 2-core CPU"),
     # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
     # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
     # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.

@@ -144,7 +144,7 @@ PRESETS: dict[str, TriggerSpec] = {
     ),
     "toy": TriggerSpec(
         "toy", FOUR_PAIRS, "organism:toy/base", "organism:toy/finetuned", (1, 2),
-        description="Tiny Gemma-2-architecture organism built in about 1.5 minutes on a CPU; for tests and quick looks.",
+        description="Tiny Gemma-2-architecture organism built in under 2 minutes on a CPU; for tests and quick looks.",
     ),
 }
 
