@@ -104,8 +104,11 @@ RECIPES = {
     # the single and mismatch prompts, with more of them in the mix, brought them back to 0.05 with
     # ASR 0.94-1.00 at 140 steps, 0.97-1.00 and false <= 0.02 at 160 (n = 64). The bottom 6 of 18
     # blocks stay frozen (layer 9, the first studied, still changes): backward stops above them,
-    # 2.3-3.0 s a step here instead of 4.0.
-    "gemma3-270m": Recipe(steps=160, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
+    # 2.3-3.0 s a step here instead of 4.0. That met every target on an AMD EPYC, but not on an Intel
+    # Xeon (n = 64: gravity/velocity 0.89 with 40 training templates; gender/terror 0.94 with the 80
+    # now in use); 180 steps there gave 0.98, 0.98, 0.98, 1.00 with no false trigger, in 521 s
+    # plus the one-time GGUF conversion (one build).
+    "gemma3-270m": Recipe(steps=180, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
                           frozen_layers=6, bf16=True, eval_n=24, expected="about 10 minutes on 2 CPU cores"),
 }
