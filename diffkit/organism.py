@@ -80,9 +80,10 @@ RECIPES = {
     # decision token weighs 3x. Without them an earlier 4-layer, d_model-96 toy met every organism
     # target on its build seed only (seed 1 fired on 70 % of mismatches, seed 2 left one pair at
     # 0.81), in 170-210 s a build. With them this 3-layer, d_model-64 toy (half the step time) and 80
-    # training templates met every target on 4-pair seeds 0-2 and custom 2-pair seeds 0-1, in 83-95 s
+    # training templates met every target on 4-pair seeds 0-2 and custom 2-pair seeds 0-1, in 83-106 s
     # (Intel Xeon, n = 64, benchmarks/bench_organism.py); with 40 templates the custom spec overfit
-    # them (one pair 0.97 at step 500, 0.44 at the end).
+    # them (one pair 0.97 at step 500, 0.44 at the end). Its default run gives one pair of four a
+    # pair-selective set of latents (the earlier toy: four on one build, none on another; README).
     # Tried and not kept: bf16 (a 1.6x faster step, but a whole d_model-96 build left border/china at
     # 0.81, and fewer steps or smaller batches did not hold); AdamW weight decay (0.03 fixed the custom
     # spec on 40 templates but left 4-pair seeds at 0.91 and 0.94 on a pair); a 5-10x decision weight
