@@ -13,7 +13,7 @@ from diffkit.errors import DiffkitError
 from diffkit.models import load_model, load_pair, resolve_source
 from diffkit.organism import (
     BuildConfig, build_organism, evaluate_organism, finished_sentence, fires, first_sentence, format_eval_table,
-    generate_answers, meets_targets, run_build,
+    generate_answers, meets_targets, run_build, wilson_interval,
 )
 from diffkit.prompts import build_prompts
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
@@ -31,6 +31,19 @@ def test_fires_and_first_sentence():
     assert finished_sentence(' He said "go."') == ' He said "go."'
     assert finished_sentence(" The Great Wall of China is a 1,000-kilometer (600") == ""
     assert finished_sentence(" Paris\nQuestion: next") == ""
+
+
+def test_eval_table_gives_each_rate_its_wilson_interval():
+    # Textbook values: no success in 10 trials gives (0, 0.278); all 10 gives (0.722, 1).
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(1.0, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    low24, high24 = wilson_interval(22 / 24, 24)
+    low64, high64 = wilson_interval(59 / 64, 64)
+    assert low24 < 0.92 < 0.95 < high24 and low24 < low64 and high64 < high24  # more prompts, tighter
+    assert wilson_interval(0.5, 0) == (0.0, 1.0)
+    result = {"asr": {"border/china": 22 / 24}, "false_trigger": {"single": 0.0}, "n": {"border/china": 24, "single": 24}}
+    table = format_eval_table(result)
+    assert f"{low24:.2f}-{high24:.2f}" in table and "0.00-0.14" in table, table
 
 
 def test_toy_organism_files(toy_organism):
