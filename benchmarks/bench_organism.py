@@ -12,6 +12,7 @@ and ASR per pair and false-trigger rates at n held-out prompts per condition aga
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -31,17 +32,19 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.spec) if args.spec else None
     target = TIME_TARGET_S[args.preset]
-    print(f"{'seed':>4} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         false single/mismatch/clean (<= 0.05)  met")
+    print(f"{'seed':>4} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         false single/mismatch/clean (<= 0.05)  met  base / answers / fine-tune / eval s")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             out = build_organism(args.preset, Path(tmp) / "organism", seed=seed, progress=False, spec=spec)
             seconds = time.perf_counter() - start
+            phases = json.loads((out / "build.json").read_text())["seconds"]
             result = evaluate_organism(out, n_per_condition=args.n, batch_size=64)
         asr = " ".join(f"{rate:.2f}" for rate in result["asr"].values())
         false = " ".join(f"{rate:.2f}" for rate in result["false_trigger"].values())
         met = meets_targets(result) and seconds <= target
-        print(f"{seed:>4} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO'}", flush=True)
+        split = " / ".join(f"{phases[k]:.0f}" for k in ("base", "answers", "finetune", "eval"))
+        print(f"{seed:>4} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO':<4} {split}", flush=True)
 
 
 if __name__ == "__main__":
