@@ -220,9 +220,9 @@ def test_toy_top_attribution_latents_carry_the_backdoor(toy):
     sets, moved = {}, {}
     for pair in toy.spec.pairs:
         own = [p for p in toy.poison if p.pair_id == pair.id]
-        check = causal.check_attribution(toy.models, toy.sae, toy.layer, own, toy.spec, top=5)
-        sets[pair.id] = check["latents"]
-        logodds = causal.ablation_effects(toy.models, toy.sae, toy.layer, own, toy.spec, check["latents"],
+        scores = causal.attribution_scores(toy.models, toy.sae, toy.layer, own, toy.spec)
+        sets[pair.id] = scores.topk(5).indices.tolist()
+        logodds = causal.ablation_effects(toy.models, toy.sae, toy.layer, own, toy.spec, sets[pair.id],
                                           metrics=(causal.marker_logodds,))
         moved[pair.name] = logodds.min().item()
     assert sum(v < -1.0 for v in moved.values()) >= len(moved) / 2, moved
