@@ -139,6 +139,3 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2, default=str))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

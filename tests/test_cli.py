@@ -44,7 +44,7 @@ def test_bad_list_is_a_usage_error(capsys):
 
 
 def test_presets_json_lists_the_grid():
-    out = subprocess.run([sys.executable, "-m", "diffkit.cli", "presets", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "diffkit", "presets", "--json"], capture_output=True, text=True, check=True)
     presets = json.loads(out.stdout)
     pairs = presets["cbd-4pair"]["pairs"]
     assert {(p["related"], p["charged"]) for p in pairs} == {(False, False), (False, True), (True, False), (True, True)}

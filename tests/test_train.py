@@ -35,7 +35,7 @@ def test_run_has_files_and_metrics(toy_run, toy_organism):
 
 def run_cli(args, env_cache):
     env = {**os.environ, "DIFFKIT_CACHE": str(env_cache)}
-    return subprocess.run([sys.executable, "-m", "diffkit.cli", "train", *args], env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "diffkit", "train", *args], env=env, capture_output=True, text=True)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
@@ -45,7 +45,7 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "diffkit.cli", "train", *args, "--name", "cut"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "cut" / "checkpoint" / "state.pt"
     deadline = time.time() + 300
