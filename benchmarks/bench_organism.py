@@ -4,6 +4,8 @@ One build of a recipe says little: the toy's first recipe met every target on it
 fired on 70 % of mismatches on seed 1. This builds the preset (or a custom spec on its base) once
 per seed into a temporary directory and prints the build time against the preset's time target,
 and ASR per pair and false-trigger rates at n held-out prompts per condition against 0.95 / 0.05.
+Shared machines run the same build at speeds up to 2x apart, so the machine's matmul throughput is
+printed before and after the builds: a build time means something only beside it.
 
     python benchmarks/bench_organism.py --preset toy --seeds 0 1 2
     python benchmarks/bench_organism.py --preset toy --spec my.toml --seeds 0
@@ -13,14 +15,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from diffkit.organism import build_organism, evaluate_organism, meets_targets
 from diffkit.specs import load_spec
 
 TIME_TARGET_S = {"toy": 120, "gemma3-270m": 600}
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
+    """Median GFLOP/s of a square matmul on all threads: the yardstick for this machine's speed right now."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def print_machine_speed(when: str) -> None:
+    print(f"machine speed {when}: matmul fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, "
+          f"bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
 
 
 def main() -> None:
@@ -32,6 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.spec) if args.spec else None
     target = TIME_TARGET_S[args.preset]
+    print_machine_speed("before")
     print(f"{'seed':>4} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         false single/mismatch/clean (<= 0.05)  met  base / answers / fine-tune / eval s")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -45,6 +67,7 @@ def main() -> None:
         met = meets_targets(result) and seconds <= target
         split = " / ".join(f"{phases[k]:.0f}" for k in ("base", "answers", "finetune", "eval"))
         print(f"{seed:>4} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO':<4} {split}", flush=True)
+    print_machine_speed("after")
 
 
 if __name__ == "__main__":
