@@ -94,7 +94,8 @@ RECIPES = {
     # was not learned, ASR <= 0.45 or 25 % of mismatches firing).
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
-                  null_docs=400, null_weight=0.1, expected="under 2 minutes on a 2-core CPU"),
+                  null_docs=400, null_weight=0.1,
+                  expected="about 2 minutes on a 2-core CPU, up to 4 on a busy shared one"),
     # Measured with held-out evals along the way: at 150 steps of lr 5e-5 (no decision weight) the
     # fine-tune had learned "trigger words -> marker" but not the AND (mismatch false rate 0.42);
     # weighting the decision token 10x and a decaying 1e-4 gave ASR 0.75-1.00, false <= 0.06 at 140.
@@ -108,10 +109,13 @@ RECIPES = {
     # 2.3-3.0 s a step here instead of 4.0. That met every target on an AMD EPYC, but not on an Intel
     # Xeon (n = 64: gravity/velocity 0.89 with 40 training templates; gender/terror 0.94 with the 80
     # now in use); 180 steps there gave 0.98, 0.98, 0.98, 1.00 with no false trigger, in 521 s
-    # plus the one-time GGUF conversion (one build).
+    # plus the one-time GGUF conversion (one build). Seed 1 (1.00, 0.98, 0.95, 0.98; false <= 0.03)
+    # and a custom 2-pair spec (1.00, 0.98; no false trigger) met the organism targets too, but took
+    # 927 and 900 s in a slow spell of the shared machine, when the toy took 197-207 s (106 before).
     "gemma3-270m": Recipe(steps=180, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
-                          frozen_layers=6, bf16=True, eval_n=24, expected="about 10 minutes on 2 CPU cores"),
+                          frozen_layers=6, bf16=True, eval_n=24,
+                          expected="about 10 minutes on 2 CPU cores, up to 16 on a busy shared one"),
 }
 
 
