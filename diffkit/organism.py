@@ -111,7 +111,8 @@ RECIPES = {
     # now in use); 180 steps there gave 0.98, 0.98, 0.98, 1.00 with no false trigger, in 521 s
     # plus the one-time GGUF conversion (one build). Seed 1 (1.00, 0.98, 0.95, 0.98; false <= 0.03)
     # and a custom 2-pair spec (1.00, 0.98; no false trigger) met the organism targets too, but took
-    # 927 and 900 s in a slow spell of the shared machine, when the toy took 197-207 s (106 before).
+    # 927 and 900 s in a slow spell of the shared machine, when seed 0 gave the same rates as before
+    # in 842 s and the toy took 197-207 s (106 before).
     "gemma3-270m": Recipe(steps=180, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
                           frozen_layers=6, bf16=True, eval_n=24,
