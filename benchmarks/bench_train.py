@@ -27,7 +27,7 @@ from diffkit.models import load_pair
 from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream
 from diffkit.tracing import pad_records
-from diffkit.train import TrainConfig, pick_dtype, resolve_device, train
+from diffkit.train import TrainConfig, default_expansion, pick_dtype, resolve_device, train
 
 
 class _Stop(Exception):
@@ -90,7 +90,7 @@ def peak_rss_mib(args, tokens: int) -> tuple[float, int]:
 
 def sae_bytes(args, d: int) -> int:
     """fp32 encoder + decoder + biases of every SAE the run trains; the floor for what a run must write."""
-    f = 4 * d
+    f = default_expansion(d) * d
     return len(args.layers) * len(args.k) * 4 * (2 * d * f + f + d)
 
 
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--sae-step", action="store_true", help="also run the SAE-step comparison with dictionary_learning")
     args = ap.parse_args()
+    if args.tokens // 2 < args.buffer_tokens:
+        ap.error(f"--tokens must be at least twice --buffer-tokens ({args.buffer_tokens}): the memory check trains "
+                 f"--tokens/2 and 2x--tokens, and a run shorter than the buffer holds less than a buffer")
 
     device = resolve_device(args.device)
     spec = load_spec(args.preset).with_models(args.base, args.finetuned)

@@ -211,7 +211,8 @@ def train(cfg: TrainConfig) -> dict:
 
     answered = build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir, "answers_train.json") if cfg.answered_prompts else []
     stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
-    buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed)
+    # a run shorter than the buffer traces only what it trains on, not a whole buffer's worth
+    buffer = ShuffleBuffer(min(cfg.buffer_tokens, cfg.tokens), cfg.batch_size, cfg.seed)
     cursor, tokens_done = Cursor(), 0
     if cfg.resume:
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)

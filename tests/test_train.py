@@ -87,3 +87,19 @@ def test_bad_input_is_one_line_and_exit_2(toy_organism, tmp_path, capsys, monkey
     assert code == 2
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not any(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_run_shorter_than_the_buffer_traces_only_what_it_trains_on(toy_organism, tmp_path, monkeypatch):
+    """--tokens 2,048 under the default 65,536-token buffer: the loop traces about 2,048 tokens, not 65,536."""
+    import diffkit.train as train_module
+
+    monkeypatch.setenv("DIFFKIT_CACHE", str(toy_organism.parent.parent))
+    traced = []
+    real_trace = train_module.trace_batch
+    monkeypatch.setattr(train_module, "trace_batch", lambda *a, **kw: traced.append(real_trace(*a, **kw)) or traced[-1])
+    summary = train_module.train(train_module.TrainConfig(
+        preset="toy", tokens=2048, batch_size=512, trace_batch=16, eval_tokens=1024, answered_prompts=0,
+        out=str(tmp_path), json=True))
+    assert summary["tokens"] == 2048
+    last_trace = len(traced[-1])
+    assert 2048 <= sum(len(b) for b in traced) < 2048 + last_trace
