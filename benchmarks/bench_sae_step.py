@@ -4,11 +4,10 @@ Both trainers get the same normalised batches (planted sparse data, or a saved s
 difference vectors) and the same schedule; the script prints steps/s and tokens/s of each, their
 ratio, and the held-out FVE of both after the same number of tokens.
 
-It needs dictionary_learning 0.1.0 in its own environment, installed without its dependencies
-(its package __init__ pulls in an old nnsight), e.g.
+It needs dictionary_learning 0.1.0 on the path, installed without its dependencies (its package
+__init__ pulls in an old nnsight); `scripts/setup` puts it in .venv/reference:
 
-    pip install --no-deps --target /tmp/dl dictionary-learning==0.1.0
-    PYTHONPATH=/tmp/dl python benchmarks/bench_sae_step.py
+    PYTHONPATH=.venv/reference python benchmarks/bench_sae_step.py
 
 Only `dictionary_learning/dictionary.py` and `dictionary_learning/trainers/{trainer,batch_top_k}.py`
 are loaded, under stub parent packages, so neither __init__ runs.
