@@ -94,12 +94,17 @@ def test_a_run_shorter_than_the_buffer_traces_only_what_it_trains_on(toy_organis
     import diffkit.train as train_module
 
     monkeypatch.setenv("DIFFKIT_CACHE", str(toy_organism.parent.parent))
-    traced = []
+    traced = []  # tokens of each trace the training loop makes
     real_trace = train_module.trace_batch
-    monkeypatch.setattr(train_module, "trace_batch", lambda *a, **kw: traced.append(real_trace(*a, **kw)) or traced[-1])
+
+    def counting_trace(*args, **kwargs):
+        batch = real_trace(*args, **kwargs)
+        traced.append(len(batch))
+        return batch
+
+    monkeypatch.setattr(train_module, "trace_batch", counting_trace)
     summary = train_module.train(train_module.TrainConfig(
         preset="toy", tokens=2048, batch_size=512, trace_batch=16, eval_tokens=1024, answered_prompts=0,
         out=str(tmp_path), json=True))
     assert summary["tokens"] == 2048
-    last_trace = len(traced[-1])
-    assert 2048 <= sum(len(b) for b in traced) < 2048 + last_trace
+    assert 2048 <= sum(traced) < 2048 + traced[-1]
