@@ -27,9 +27,11 @@ class ShuffleBuffer:
         self._pending: list[TokenBatch] = []
         self._size = 0
 
-    @property
-    def full(self) -> bool:
-        return self._size >= self.capacity
+    def needs_more(self, tokens_left: int) -> bool:
+        """Whether to trace more before draining: up to capacity, but no more than the whole batches
+        the run still trains on, so neither a short run nor a run's last fill traces tokens it drops."""
+        wanted = min(self.capacity, -(-tokens_left // self.batch_size) * self.batch_size)
+        return self._size < wanted
 
     def add(self, batch: TokenBatch) -> None:
         self._pending.append(batch)

@@ -211,8 +211,7 @@ def train(cfg: TrainConfig) -> dict:
 
     answered = build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir, "answers_train.json") if cfg.answered_prompts else []
     stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
-    # a run shorter than the buffer traces only what it trains on, not a whole buffer's worth
-    buffer = ShuffleBuffer(min(cfg.buffer_tokens, cfg.tokens), cfg.batch_size, cfg.seed)
+    buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed)
     cursor, tokens_done = Cursor(), 0
     if cfg.resume:
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
@@ -222,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
     batches = stream.batches(cursor)
     last: dict[str, dict] = {}
     while tokens_done < cfg.tokens:
-        while not buffer.full:
+        while buffer.needs_more(cfg.tokens - tokens_done):
             records, cursor = next(batches)
             buffer.add(trace_batch(pair, records, layers))
         if tokens_done == 0 and buffer.fills == 0:

@@ -90,7 +90,7 @@ def test_buffer_mixes_and_is_deterministic():
         buf = ShuffleBuffer(capacity=100, batch_size=16, seed=seed)
         for s in range(0, 120, 20):
             buf.add(fake_batch(s, 20))
-        assert buf.full
+        assert not buf.needs_more(tokens_left=1000)  # full: it holds its capacity
         return [b.meta["position"] for b in buf.drain()]
 
     out = run(0)
@@ -101,6 +101,11 @@ def test_buffer_mixes_and_is_deterministic():
     assert len(set((first // 10).tolist())) >= 5  # one batch mixes many records
     assert all(torch.equal(a, b) for a, b in zip(out, run(0)))
     assert not all(torch.equal(a, b) for a, b in zip(out, run(1)))
+    # it asks for no more than the whole batches a run still trains on
+    buf = ShuffleBuffer(capacity=100, batch_size=16)
+    buf.add(fake_batch(0, 40))
+    assert buf.needs_more(tokens_left=1000) and buf.needs_more(tokens_left=33)  # 33 tokens train as 3 batches: 48
+    assert not buf.needs_more(tokens_left=32) and not buf.needs_more(tokens_left=17)  # 2 batches: 32 <= 40 held
     # the activation rows travel with their metadata
     buf = ShuffleBuffer(capacity=10, batch_size=5)
     buf.add(fake_batch(0, 10))

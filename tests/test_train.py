@@ -89,8 +89,10 @@ def test_bad_input_is_one_line_and_exit_2(toy_organism, tmp_path, capsys, monkey
     assert not any(tmp_path.rglob("*.safetensors"))
 
 
-def test_a_run_shorter_than_the_buffer_traces_only_what_it_trains_on(toy_organism, tmp_path, monkeypatch):
-    """--tokens 2,048 under the default 65,536-token buffer: the loop traces about 2,048 tokens, not 65,536."""
+@pytest.mark.parametrize("tokens, buffer_tokens", [(2048, 65_536), (3072, 2048)])
+def test_a_run_traces_only_what_it_trains_on(toy_organism, tmp_path, monkeypatch, tokens, buffer_tokens):
+    """A run shorter than its buffer, or whose last fill needs less than a buffer, traces about the
+    tokens it trains on: --tokens 2,048 under a 65,536-token buffer traced 66,670 tokens before."""
     import diffkit.train as train_module
 
     monkeypatch.setenv("DIFFKIT_CACHE", str(toy_organism.parent.parent))
@@ -104,7 +106,8 @@ def test_a_run_shorter_than_the_buffer_traces_only_what_it_trains_on(toy_organis
 
     monkeypatch.setattr(train_module, "trace_batch", counting_trace)
     summary = train_module.train(train_module.TrainConfig(
-        preset="toy", tokens=2048, batch_size=512, trace_batch=16, eval_tokens=1024, answered_prompts=0,
-        out=str(tmp_path), json=True))
-    assert summary["tokens"] == 2048
-    assert 2048 <= sum(traced) < 2048 + traced[-1]
+        preset="toy", tokens=tokens, batch_size=512, buffer_tokens=buffer_tokens, trace_batch=16, eval_tokens=1024,
+        answered_prompts=0, out=str(tmp_path), json=True))
+    assert summary["tokens"] == tokens
+    fills = -(-tokens // buffer_tokens)
+    assert tokens <= sum(traced) < tokens + fills * max(traced)  # each fill overshoots by less than one trace
