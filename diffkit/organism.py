@@ -133,10 +133,7 @@ def native_bf16(device: str | torch.device) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    flags = _cpuinfo().split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -640,7 +637,7 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
     result = evaluate_model(model, tokenizer, spec, recipe.eval_n, batch_size=64,
                             max_new_tokens=eval_budget(recipe.answer_tokens, tokenizer, spec))
     t_eval = time.time()
-    organism_spec = spec.with_models(str(final / "base"), str(final / "finetuned"))
+    organism_spec = spec.with_models("./base", "./finetuned")  # relative to spec.json: the folder can move
     if not organism_spec.layers:
         organism_spec = TriggerSpec(**{**organism_spec.__dict__, "layers": PRESETS[preset].layers})
     write_json(tmp / "spec.json", organism_spec.to_dict())
@@ -651,6 +648,7 @@ def _write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed
         "steps": steps,
         "seed": seed,
         "device": device,
+        "machine": machine(),
         "seconds": {"base": round(t_base - t0, 1), "answers": round(t_answers - t_base, 1),
                     "finetune": round(t_train - t_answers, 1), "eval": round(t_eval - t_train, 1),
                     "total": round(t_eval - t0, 1)},
@@ -679,6 +677,34 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     return build_cached_dir(out_dir, lambda tmp: _write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress))
 
 
+def machine() -> dict:
+    """What a build ran on: its floating-point order (CPU, library versions) decides the exact weights."""
+    import platform
+
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+SHIPPED_ORGANISMS = Path(__file__).parent / "data" / "organisms"
+
+
+def shipped_organism(preset: str) -> Path | None:
+    """The organism that ships with diffkit for this preset (the toy), so every machine diffs the same models."""
+    folder = SHIPPED_ORGANISMS / preset
+    return folder if (folder / "spec.json").is_file() else None
+
+
 def recipe_fingerprint(preset: str) -> str:
     """A short hash of everything that decides a preset's CPU build, whether it runs in bf16 included,
     so a changed recipe never reuses a stale cache."""
@@ -689,12 +715,17 @@ def recipe_fingerprint(preset: str) -> str:
 
 
 def ensure_organism(preset: str) -> Path:
-    """The cached organism of a preset, built on first use (one process builds; others wait for it).
+    """The organism of a preset: the one shipped with diffkit, else a cached build made on first use
+    (one process builds; others wait for it).
 
-    The cache directory is named by the recipe's fingerprint: editing a recipe builds afresh.
+    The cache directory is named by the recipe's fingerprint: editing a recipe builds afresh. A
+    shipped organism is fixed: training from scratch on another CPU would plant a different one.
     """
     if preset not in RECIPES:
         raise DiffkitError(f"no local organism '{preset}'; buildable presets: {', '.join(RECIPES)}")
+    shipped = shipped_organism(preset)
+    if shipped:
+        return shipped
     target = cache_dir() / "organisms" / f"{preset}-{recipe_fingerprint(preset)}"
     if not (target / "spec.json").is_file():
         print(f"building the {preset} organism once ({RECIPES[preset].expected}); cached in {target}", file=sys.stderr)

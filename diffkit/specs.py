@@ -174,4 +174,12 @@ def load_spec(source: str | Path) -> TriggerSpec:
         raise SpecError(f"cannot parse spec file {path}: {e}") from None
     if not isinstance(data, dict):
         raise SpecError(f"spec file {path} must hold a mapping with a 'pairs' list")
-    return TriggerSpec.from_dict({"name": path.stem, **data})
+    return _models_beside(TriggerSpec.from_dict({"name": path.stem, **data}), path.parent)
+
+
+def _models_beside(spec: TriggerSpec, folder: Path) -> TriggerSpec:
+    """Model paths written as "./x" in a spec file are relative to that file, so an organism folder can move."""
+    def resolve(source: str | None) -> str | None:
+        return str(folder / source[2:]) if source and source.startswith("./") else source
+
+    return spec.with_models(resolve(spec.base), resolve(spec.finetuned))

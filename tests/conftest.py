@@ -9,10 +9,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def toy_organism(tmp_path_factory):
-    """The toy organism's directory (base/, finetuned/, spec.json, build.json) in a session cache.
+    """The toy organism's directory (base/, finetuned/, spec.json, build.json): the one shipped with diffkit.
 
-    DIFFKIT_CACHE points at that cache for the whole session, so "organism:toy/..." sources and
-    the toy preset resolve to this build instead of building again.
+    DIFFKIT_CACHE points at a session cache, so whatever else a test builds or converts stays there.
     """
     from diffkit.organism import ensure_organism
 
