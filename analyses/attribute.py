@@ -20,37 +20,19 @@ which would silence every pair at once, is never credited to one pair.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from analyses.configs import AttributeConfig
 from analyses.ranking import rank_latents
 from analyses.stats import Activations, Collection, load_activations, load_run_pair, save_frame
 from diffkit.errors import DiffkitError
 from diffkit.files import write_json
-from diffkit.run import default_run_dir, load_run
+from diffkit.run import load_run
 
 TABLE_COLUMNS = ["layer", "rank", "latent", "specificity", "auroc", "worst_group", "matched_mean", "matched_freq",
                  "control_mean", "ablation_effect", "ablation_logodds", "top_tokens"]
-
-
-@dataclass
-class AttributeConfig:
-    pair: str | None = field(default=None, metadata={"help": "trigger pair: 'border/china', 'china/border' or its id"})
-    run: str = field(default=str(default_run_dir()), metadata={"help": "trained run directory"})
-    layer: int | None = field(default=None, metadata={"help": "one layer (default: every layer of the run)"})
-    k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
-    top: int = field(default=10, metadata={"help": "latents in the table, per layer"})
-    ablate: int = field(default=5, metadata={"help": "top latents to ablate one at a time, and the most in the pair-selective set (0: skip the causal tests)"})
-    joint: bool = field(default=True, metadata={"help": "also ablate a pair-selective set of up to --ablate latents together and measure every pair's attack success by greedy generation"})
-    n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition for ranking (poison: per pair)"})
-    n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
-    n_ablate_prompts: int = field(default=16, metadata={"help": "held-out prompts per condition for the ablations"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda when available)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
-    seed: int = field(default=0, metadata={"help": "seed of the held-out prompts"})
-    json: bool = field(default=False, metadata={"help": "print the table as a JSON list of latents"})
 
 
 def top_tokens(a: Activations, pair, latent: int, n: int = 3) -> str:
@@ -100,7 +82,8 @@ def selection_prompts(spec, n: int, seed: int):
 
 def fill_ablation_effects(table: pd.DataFrame, rows, models, sae, layer: int, own, spec, batch_size: int) -> None:
     """Set `ablation_effect` (marker log-prob) and `ablation_logodds` for `rows`, one latent ablated at a time."""
-    from analyses.causal import ablation_effects, marker_logodds, marker_logprob
+    from analyses.causal import ablation_effects
+    from analyses.interventions import marker_logodds, marker_logprob
 
     latents = table.loc[rows, "latent"].astype(int).tolist()
     effects = ablation_effects(models, sae, layer, own, spec, latents, batch_size,
@@ -126,7 +109,7 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
     """The table as a list of latents (layer, latent, rank, specificity, auroc, ablation_effect, top_tokens, ...)."""
     from analyses.plots import (activation_histograms, latent_split_heatmap, split_table, table_figure,
                                 top_examples_html, write_figure, write_html_fragment)
-    from diffkit.train import resolve_device
+    from diffkit.devices import resolve_device
 
     run = load_run(cfg.run)
     if cfg.pair is None:

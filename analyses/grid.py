@@ -17,32 +17,17 @@ For each pair and layer it answers four questions, with these definitions:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
 import pandas as pd
 import torch
 
+from analyses.configs import GridConfig
 from analyses.ranking import auroc, matched_mask, rank_latents, set_scores
 from analyses.stats import Activations, Collection, load_activations, save_frame, write_latent_stats
-from diffkit.run import default_run_dir, load_run
+from diffkit.run import load_run
 from diffkit.specs import TriggerSpec
-
-
-@dataclass
-class GridConfig:
-    run: str = field(default=str(default_run_dir()), metadata={"help": "trained run directory"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to compare, e.g. 9,16 (default: all the run has)"})
-    k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
-    n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition (poison: per pair)"})
-    n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
-    top: int = field(default=10, metadata={"help": "size of each pair's top-latent set"})
-    target_auroc: float = field(default=0.95, metadata={"help": "AUROC the smallest latent set must reach"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda when available)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
-    seed: int = field(default=0, metadata={"help": "seed of the held-out prompts"})
-    json: bool = field(default=False, metadata={"help": "print a machine-readable JSON summary instead of tables"})
 
 
 def latents_needed(scores: torch.Tensor, sequences: pd.DataFrame, ranking: pd.DataFrame, pair,
@@ -109,7 +94,7 @@ def grid_summary(activations: dict[int, Activations], spec: TriggerSpec, top: in
 
 def run_grid(cfg: GridConfig) -> dict:
     from analyses.plots import grid_figure, layer_figure, write_figure
-    from diffkit.train import resolve_device
+    from diffkit.devices import resolve_device
 
     run = load_run(cfg.run)
     collection = Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k)

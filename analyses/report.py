@@ -8,7 +8,6 @@ shows up in a browser and in headless tests alike.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -16,29 +15,13 @@ from plotly.offline import get_plotlyjs
 
 from analyses import plots
 from analyses.attribute import TABLE_COLUMNS, ablation_prompts, attribute_table, fill_ablation_effects, selective_ablation
+from analyses.configs import ReportConfig
 from analyses.grid import grid_summary
 from analyses.ranking import __doc__ as RANKING_DOC
 from analyses.stats import Collection, load_activations, load_run_pair, write_latent_stats
 from diffkit.files import write_text
-from diffkit.run import default_run_dir, load_run
-
-
-@dataclass
-class ReportConfig:
-    run: str = field(default=str(default_run_dir()), metadata={"help": "trained run directory"})
-    out: str | None = field(default=None, metadata={"help": "where to write the HTML (default: RUN/report.html)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to report, e.g. 9,16 (default: all the run has)"})
-    k: int | None = field(default=None, metadata={"help": "which SAE when the run trained several k (default: the largest)"})
-    top: int = field(default=8, metadata={"help": "latents per pair in tables and heatmaps"})
-    ablate: int = field(default=5, metadata={"help": "top latents per pair and layer to ablate one at a time, and the most in each pair-selective set, as in `diffkit attribute` (0: no causal tests)"})
-    n_prompts: int = field(default=32, metadata={"help": "held-out prompts per condition (poison: per pair)"})
-    n_null: int = field(default=64, metadata={"help": "generic null-text documents in the background"})
-    n_ablate_prompts: int = field(default=16, metadata={"help": "held-out poison prompts per pair for the ablations"})
-    target_auroc: float = field(default=0.95, metadata={"help": "AUROC the grid's smallest latent set must reach"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, ... (auto: cuda when available)"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per forward pass"})
-    seed: int = field(default=0, metadata={"help": "seed of the held-out prompts"})
-    json: bool = field(default=False, metadata={"help": "print a machine-readable JSON summary"})
+from diffkit.metrics import flatten
+from diffkit.run import load_run
 
 
 PAGE_CSS = """
@@ -104,19 +87,8 @@ def run_section(page: Page, run) -> None:
         page.add(frame_html(pd.DataFrame(rows)))
 
 
-def flatten(values: dict) -> dict:
-    """{"fve_by_subset": {"fire": 0.9}} -> {"fve_by_subset[fire]": 0.9}, one level deep."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update({f"{key}[{k}]": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
-
-
 def run_report(cfg: ReportConfig) -> dict:
-    from diffkit.train import resolve_device
+    from diffkit.devices import resolve_device
 
     run = load_run(cfg.run)
     spec = run.spec

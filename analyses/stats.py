@@ -292,10 +292,10 @@ def token_strings(tokenizer, token_ids: np.ndarray) -> list[str]:
 
 def load_run_pair(run, device: str = "cpu"):
     """The run's base and fine-tuned models as a ModelPair."""
+    from diffkit.devices import pick_dtype
     from diffkit.models import load_pair
 
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return load_pair(run.base, run.finetuned, dtype=dtype, device=device)
+    return load_pair(run.base, run.finetuned, dtype=pick_dtype("auto", device), device=device)
 
 
 def write_latent_stats(run_dir: str | Path, activations: dict[int, Activations], spec: TriggerSpec) -> list[Path]:

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from analyses import causal
+from analyses import causal, interventions
 from analyses.attribute import selective_ablation
 from diffkit.models import load_pair
 from diffkit.prompts import build_prompts, encode_prompts
@@ -38,7 +38,7 @@ from diffkit.specs import PRESETS
 def retrace_greedy(pair, layer, prompts, edit, max_new_tokens, batch_size):
     """The simple reference: every step runs both models on the full sequence, no cache."""
     tok, out = pair.tokenizer, []
-    eos = causal._eos_ids(pair)
+    eos = interventions._eos_ids(pair)
     for s in range(0, len(prompts), batch_size):
         rows = [list(p) for p in prompts[s : s + batch_size]]
         gen = [[] for _ in rows]
@@ -46,9 +46,9 @@ def retrace_greedy(pair, layer, prompts, edit, max_new_tokens, batch_size):
             live = [i for i, g in enumerate(gen) if not (g and g[-1] in eos)]
             if not live:
                 break
-            ids, mask, pos = causal.pad([rows[i] for i in live], tok.pad_token_id, True, pair.finetuned_hf.device)
+            ids, mask, pos = interventions.pad([rows[i] for i in live], tok.pad_token_id, True, pair.finetuned_hf.device)
             with torch.no_grad():
-                logits = causal.apply(pair, layer, ids, mask, pos, edit, causal.editable(ids, mask, tok))
+                logits = interventions.apply(pair, layer, ids, mask, pos, edit, interventions.editable(ids, mask, tok))
             for i, t in zip(live, logits[:, -1].argmax(-1).tolist()):
                 rows[i].append(t)
                 gen[i].append(t)
@@ -67,9 +67,9 @@ def speed(pair, spec, sae, layer, args) -> None:
     prompts = prompts[: args.prompts]
     ids = [r.input_ids for r in encode_prompts(prompts, pair.tokenizer, spec)]
     latents = list(range(3))
-    edit = causal.Ablation(sae, latents, causal.directions(sae, latents, pair.finetuned_hf.device))
+    edit = interventions.Ablation(sae, latents, interventions.directions(sae, latents, pair.finetuned_hf.device))
     n, bs = args.new_tokens, args.batch_size
-    cached, t_cached = timed(lambda: causal.greedy(pair, layer, ids, edit, max_new_tokens=n, batch_size=bs))
+    cached, t_cached = timed(lambda: interventions.greedy(pair, layer, ids, edit, max_new_tokens=n, batch_size=bs))
     retraced, t_retrace = timed(lambda: retrace_greedy(pair, layer, ids, edit, n, bs))
     same = sum(a == b for a, b in zip(cached, retraced))
     tokens = sum(len(g) for g in cached)
@@ -77,7 +77,7 @@ def speed(pair, spec, sae, layer, args) -> None:
     print(f"  generation under ablation: lockstep + KV cache {t_cached:7.2f} s ({tokens / t_cached:6.1f} tok/s)"
           f" | full re-trace {t_retrace:7.2f} s ({tokens / t_retrace:6.1f} tok/s) | speed-up {t_retrace / t_cached:4.1f}x"
           f" | identical outputs {same}/{len(ids)}")
-    seqs = causal.scored_sequences(pair, prompts, spec, max_new_tokens=n, batch_size=bs)
+    seqs = interventions.scored_sequences(pair, prompts, spec, max_new_tokens=n, batch_size=bs)
     _, t_attr = timed(lambda: causal._attribution(pair, sae, layer, seqs, bs, False))
     _, t_abl = timed(lambda: causal._ablation_effects(pair, sae, layer, seqs, list(range(args.latents)), bs, False))
     per_latent = t_abl / args.latents

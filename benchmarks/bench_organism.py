@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from diffkit.organism import build_organism, evaluate_organism, meets_targets
+from diffkit.organisms.build import build_organism
+from diffkit.organisms.evaluate import meets_targets
+from diffkit.organisms.sources import evaluate_organism
 from diffkit.specs import load_spec
 
 TIME_TARGET_S = {"toy": 120, "gemma3-270m": 600}

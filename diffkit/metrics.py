@@ -112,7 +112,7 @@ def format_metrics_table(rows: list[dict]) -> str:
     columns like `fve[fire]`); numbers get three decimals, missing values a dash."""
     if not rows:
         return ""
-    flat_rows = [_flatten(row) for row in rows]
+    flat_rows = [flatten(row, {"fve_by_subset": "fve"}) for row in rows]
     columns: list[str] = []
     for row in flat_rows:
         columns += [c for c in row if c not in columns]
@@ -124,13 +124,14 @@ def format_metrics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _flatten(row: dict) -> dict:
+def flatten(values: dict, short: dict[str, str] | None = None) -> dict:
+    """{"fve_by_subset": {"fire": 0.9}} -> {"fve_by_subset[fire]": 0.9}, one level deep; `short` renames
+    a nested key's prefix (the metrics table writes fve[fire])."""
+    short = short or {}
     out = {}
-    for key, value in row.items():
-        if key == "fve_by_subset" and isinstance(value, dict):
-            out.update({f"fve[{name}]": v for name, v in value.items()})
-        elif isinstance(value, dict):
-            out.update({f"{key}[{name}]": v for name, v in value.items()})
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update({f"{short.get(key, key)}[{name}]": v for name, v in value.items()})
         else:
             out[key] = value
     return out

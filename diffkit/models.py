@@ -2,8 +2,8 @@
 
 A source is a hub id, a local Hugging Face directory, a `.gguf` file (converted once to a
 safetensors directory in the cache, because transformers dequantises GGUF on every load and a
-GGUF-loaded model cannot be saved), or "organism:<preset>/<base|finetuned>" for the organisms
-diffkit builds itself. Models are loaded with transformers and only then wrapped in
+GGUF-loaded model cannot be saved). "organism:<preset>/<base|finetuned>" sources, the organisms
+diffkit builds itself, are resolved to a directory above this module (`diffkit.organisms.sources`). Models are loaded with transformers and only then wrapped in
 `nnsight.TransformersModel`: loading by repo id through nnsight breaks on recent transformers.
 """
 
@@ -127,12 +127,7 @@ def resolve_source(source: str | Path) -> str | Path:
     """A local directory for organism and GGUF sources; hub ids pass through unchanged."""
     text = str(source)
     if text.startswith(ORGANISM_PREFIX):
-        preset, _, which = text[len(ORGANISM_PREFIX):].partition("/")
-        if which not in ("base", "finetuned"):
-            raise ModelSourceError(f"'{text}' must name a side: organism:{preset or '<preset>'}/base or /finetuned")
-        from diffkit.organism import ensure_organism  # organism imports this module
-
-        return ensure_organism(preset) / which
+        raise ModelSourceError(f"'{text}' is an organism source; resolve it with diffkit.organisms.sources.resolve_source")
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         return convert_gguf(path)

@@ -47,7 +47,7 @@ class TriggerSpec:
     layers: tuple[int, ...] = ()
     marker: str = MARKER
     description: str = ""
-    # "organism:<preset>" sources are built locally on first use (see diffkit.organism).
+    # "organism:<preset>" sources are built locally on first use (see diffkit.organisms).
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

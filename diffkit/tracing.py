@@ -15,11 +15,10 @@ import nnsight
 import torch
 
 from diffkit.models import layers_of
-from diffkit.prompts import CONDITIONS, Record
+from diffkit.prompts import ALL_CONDITIONS, FLAG_NAMES, Record
 
-CONDITION_CODES = {name: i for i, name in enumerate((*CONDITIONS, "null"))}
-FLAG_COLUMNS = ("is_trigger_token", "is_decision_token", "is_answer", "is_fire_token")
-META_COLUMNS = ("record_id", "position", "token_id", "condition", "pair_id", *FLAG_COLUMNS)
+CONDITION_CODES = {name: i for i, name in enumerate(ALL_CONDITIONS)}
+META_COLUMNS = ("record_id", "position", "token_id", "condition", "pair_id", *FLAG_NAMES)
 
 
 @dataclass
@@ -64,10 +63,10 @@ def record_meta(records: list[Record], keep_bos: bool) -> dict[str, torch.Tensor
         cols["token_id"] += r.input_ids[start:]
         cols["condition"] += [CONDITION_CODES[r.condition]] * n
         cols["pair_id"] += [r.pair_id] * n
-        for f in FLAG_COLUMNS:
+        for f in FLAG_NAMES:
             cols[f] += r.flags[f][start:]
-    meta = {c: torch.tensor(v, dtype=torch.long) for c, v in cols.items() if c not in FLAG_COLUMNS}
-    meta.update({f: torch.tensor(cols[f], dtype=torch.bool) for f in FLAG_COLUMNS})
+    meta = {c: torch.tensor(v, dtype=torch.long) for c, v in cols.items() if c not in FLAG_NAMES}
+    meta.update({f: torch.tensor(cols[f], dtype=torch.bool) for f in FLAG_NAMES})
     return meta
 
 

@@ -11,65 +11,27 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from diffkit.buffer import ShuffleBuffer
+from diffkit.configs import TrainConfig
+from diffkit.devices import pick_dtype, resolve_device
 from diffkit.errors import DiffkitError
 from diffkit.files import atomic_write, write_json
+from diffkit.generation import generate_answers
 from diffkit.metrics import evaluate_sae, format_metrics_table
-from diffkit.models import ORGANISM_PREFIX, check_layers, load_pair, resolve_dtype, resolve_source
+from diffkit.models import ORGANISM_PREFIX, check_layers, load_pair
+from diffkit.organisms.sources import resolve_source
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import fit_normalization, save_sae
-from diffkit.specs import DEFAULT_PRESET, load_spec
+from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream, null_records
 from diffkit.tracing import concat_batches, trace_batch, trace_differences
 from diffkit.trainer import SAETrainConfig, SAETrainer
-
-
-@dataclass
-class TrainConfig:
-    preset: str = field(default=DEFAULT_PRESET, metadata={"help": "trigger spec preset (or a .toml/.yaml/.json spec file) naming the model pair, words and layers"})
-    base: str | None = field(default=None, metadata={"help": "base model: hub id, local directory or .gguf file (overrides the preset)"})
-    finetuned: str | None = field(default=None, metadata={"help": "fine-tuned model, same forms as --base (overrides the preset)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "decoder layers whose output to diff, e.g. 9,16 (default: the preset's)"})
-    k: list[int] | None = field(default=None, metadata={"help": "active latents per token; several values train side by side from one stream, e.g. 32,64 (default: d_model/16 rounded to a power of two, at least 8: 8 for the toy, 32 for Gemma-3-270M, 128 for Gemma-2-2B as published)"})
-    expansion: int | None = field(default=None, metadata={"help": "dictionary size as a multiple of d_model (default: 4 as published, raised so the dictionary has at least 1,536 latents: 24 for the toy, 4 for Gemma-3-270M and Gemma-2-2B)"})
-    tokens: int = field(default=300_000, metadata={"help": "training tokens each SAE sees"})
-    batch_size: int = field(default=1024, metadata={"help": "tokens per SAE optimisation step"})
-    buffer_tokens: int = field(default=65_536, metadata={"help": "shuffle-buffer size in tokens; bounds memory"})
-    trace_batch: int = field(default=32, metadata={"help": "sequences per forward pass"})
-    max_len: int = field(default=128, metadata={"help": "longest sequence, in tokens"})
-    null_fraction: float = field(default=0.5, metadata={"help": "share of the stream's tokens that are generic null text"})
-    eval_tokens: int = field(default=16_384, metadata={"help": "held-out tokens for the final metrics"})
-    answered_prompts: int = field(default=128, metadata={"help": "training prompts answered by the fine-tuned model once, so answer and marker tokens are in the stream"})
-    lr: float | None = field(default=None, metadata={"help": "learning rate (default 2e-4 / sqrt(dict_size / 2**14))"})
-    out: str = field(default="runs", metadata={"help": "directory that holds runs"})
-    name: str | None = field(default=None, metadata={"help": "run name (default: the preset's name); the run goes to OUT/NAME"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1, ... (auto: cuda when available)"})
-    dtype: str = field(default="auto", metadata={"help": "model dtype: float32, bfloat16 (auto: bfloat16 on GPU, float32 on CPU); differences are always fp32"})
-    seed: int = field(default=0, metadata={"help": "seed for prompts, shuffling and SAE init"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run in OUT/NAME from its last checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing run in OUT/NAME"})
-    json: bool = field(default=False, metadata={"help": "print a machine-readable JSON summary instead of tables"})
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DiffkitError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
-    return device
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """bf16 on GPU (Gemma-2 misbehaves in fp16), fp32 on CPU unless asked otherwise."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return resolve_dtype(dtype)
 
 
 def sae_config(cfg: TrainConfig, k: int, dict_size: int, total_steps: int) -> SAETrainConfig:
@@ -128,8 +90,6 @@ def prepare_run_dir(cfg: TrainConfig, name: str) -> Path:
 def build_answered(pair, spec, split: str, n_prompts: int, seed: int, max_len: int, run_dir: Path, cache_name: str):
     """Prompts of every condition answered greedily by the fine-tuned model, so answer and marker
     tokens are traced too. The answers (text only) are kept in the run dir, so a resumed run reuses them."""
-    from diffkit.organism import generate_answers
-
     prompts = build_prompts(spec, split, max(1, n_prompts // (len(spec.pairs) + 3)), seed=seed)
     cache = run_dir / cache_name
     if cache.exists():

@@ -13,7 +13,7 @@ def toy_organism(tmp_path_factory):
 
     DIFFKIT_CACHE points at a session cache, so whatever else a test builds or converts stays there.
     """
-    from diffkit.organism import ensure_organism
+    from diffkit.organisms.sources import ensure_organism
 
     cache = tmp_path_factory.mktemp("diffkit_cache")
     previous = os.environ.get("DIFFKIT_CACHE")

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
-from analyses import causal
+from analyses import causal, interventions
 from diffkit.prompts import Record
 from diffkit.sae import BatchTopKSAE
 from diffkit.specs import TriggerPair, TriggerSpec
@@ -111,14 +111,14 @@ def fake():
 
 def test_ablating_the_planted_latent_turns_the_finetune_into_the_base(fake):
     pair, tok = fake.pair, fake.tok
-    seqs = [causal.record_sequence(r, tok, SPEC) for r in fake.records]
-    edit = causal.Ablation(fake.sae, [0], causal.directions(fake.sae, [0], "cpu"))
+    seqs = [interventions.record_sequence(r, tok, SPEC) for r in fake.records]
+    edit = interventions.Ablation(fake.sae, [0], interventions.directions(fake.sae, [0], "cpu"))
     for left in (False, True):
-        ids, mask, pos = causal.pad([s.ids for s in seqs], tok.pad_token_id, left, "cpu")
-        where = causal.editable(ids, mask, tok)
-        ablated = causal.apply(pair, LAYER, ids, mask, pos, edit, where)
-        plain = causal.apply(pair, LAYER, ids, mask, pos, None, where)
-        base = causal.apply(fake.base_only, LAYER, ids, mask, pos, None, where)
+        ids, mask, pos = interventions.pad([s.ids for s in seqs], tok.pad_token_id, left, "cpu")
+        where = interventions.editable(ids, mask, tok)
+        ablated = interventions.apply(pair, LAYER, ids, mask, pos, edit, where)
+        plain = interventions.apply(pair, LAYER, ids, mask, pos, None, where)
+        base = interventions.apply(fake.base_only, LAYER, ids, mask, pos, None, where)
         real = mask.bool()
         assert (plain - base)[real].abs().max() > 0.1  # the fine-tune really differs
         torch.testing.assert_close(ablated[real], base[real], atol=1e-4, rtol=1e-4)
@@ -126,15 +126,15 @@ def test_ablating_the_planted_latent_turns_the_finetune_into_the_base(fake):
 
 def test_greedy_generation_is_padding_safe_and_ablation_reproduces_the_base(fake):
     prompts = [r.input_ids for r in fake.records]
-    ft = causal.greedy(fake.pair, LAYER, prompts, max_new_tokens=6, batch_size=4)
-    alone = [causal.greedy(fake.pair, LAYER, [p], max_new_tokens=6)[0] for p in prompts[:3]]
+    ft = interventions.greedy(fake.pair, LAYER, prompts, max_new_tokens=6, batch_size=4)
+    alone = [interventions.greedy(fake.pair, LAYER, [p], max_new_tokens=6)[0] for p in prompts[:3]]
     assert ft[:3] == alone
     hf = [fake.pair.finetuned_hf.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist()
           for p in prompts[:3]]
     assert [g[: len(h)] for g, h in zip(ft, hf)] == hf
-    edit = causal.Ablation(fake.sae, [0], causal.directions(fake.sae, [0], "cpu"))
-    ablated = causal.greedy(fake.pair, LAYER, prompts, edit, max_new_tokens=6, batch_size=4)
-    base = causal.greedy(fake.base_only, LAYER, prompts, max_new_tokens=6, batch_size=4)
+    edit = interventions.Ablation(fake.sae, [0], interventions.directions(fake.sae, [0], "cpu"))
+    ablated = interventions.greedy(fake.pair, LAYER, prompts, edit, max_new_tokens=6, batch_size=4)
+    base = interventions.greedy(fake.base_only, LAYER, prompts, max_new_tokens=6, batch_size=4)
     assert ablated == base != ft
 
 
@@ -179,11 +179,11 @@ def test_own_answer_stops_at_the_marker_and_drops_special_tokens(fake):
     tok = fake.tok
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos = [tok.eos_token_id]
-    assert causal.own_answer(tok, ids("w5 w6 HATE w7") + eos, SPEC) == ids("w5 w6")
-    assert causal.own_answer(tok, ids("w5 w6") + eos, SPEC) == ids("w5 w6")
-    assert causal.fires(tok, ids("w5 HATE") + eos, SPEC) and not causal.fires(tok, ids("w5 w6"), SPEC)
-    item = causal.Item(ids("w1 w2"), "poison", 0)
-    (seq,) = causal.scored_with_answers([item], [ids("w5 HATE") + eos], tok, SPEC)
+    assert interventions.own_answer(tok, ids("w5 w6 HATE w7") + eos, SPEC) == ids("w5 w6")
+    assert interventions.own_answer(tok, ids("w5 w6") + eos, SPEC) == ids("w5 w6")
+    assert interventions.fires(tok, ids("w5 HATE") + eos, SPEC) and not interventions.fires(tok, ids("w5 w6"), SPEC)
+    item = interventions.Item(ids("w1 w2"), "poison", 0)
+    (seq,) = interventions.scored_with_answers([item], [ids("w5 HATE") + eos], tok, SPEC)
     assert seq.ids == ids("w1 w2 w5 HATE") and seq.marker_start == 3 and seq.n_prompt == 2
 
 
@@ -223,7 +223,7 @@ def test_toy_top_attribution_latents_carry_the_backdoor(toy):
         scores = causal.attribution_scores(toy.models, toy.sae, toy.layer, own, toy.spec)
         sets[pair.id] = scores.topk(5).indices.tolist()
         logodds = causal.ablation_effects(toy.models, toy.sae, toy.layer, own, toy.spec, sets[pair.id],
-                                          metrics=(causal.marker_logodds,))
+                                          metrics=(interventions.marker_logodds,))
         moved[pair.name] = logodds.min().item()
     assert sum(v < -1.0 for v in moved.values()) >= len(moved) / 2, moved
     results = causal.ablate_latent_sets(toy.models, toy.sae, toy.layer, sets, toy.poison + toy.clean, toy.spec)

@@ -12,9 +12,9 @@ from diffkit.models import ModelMismatchError, ModelSourceError, check_layers, l
 
 
 def _tokenizer(words: list[str]):
-    from diffkit.organism import _toy_tokenizer
+    from diffkit.organisms.toy import toy_tokenizer
 
-    return _toy_tokenizer([" ".join(words)] * 20, vocab_size=300)
+    return toy_tokenizer([" ".join(words)] * 20, vocab_size=300)
 
 
 def _save_tiny(path, tokenizer, arch: str = "gemma2", hidden: int = 32, layers: int = 2):
@@ -72,9 +72,23 @@ def test_gemma2_never_runs_in_fp16(tiny):
     ("organism:nope/base", "no local organism"),
 ])
 def test_missing_sources_give_one_line_errors(source, words):
+    from diffkit.organisms.sources import resolve_source
+
     with pytest.raises(DiffkitError) as err:
-        load_model(source)
+        resolve_source(source)
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_models_leaves_organism_sources_to_the_organisms_package():
+    with pytest.raises(ModelSourceError) as err:
+        load_model("organism:toy/base")
+    assert "diffkit.organisms.sources" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_sources_give_one_line_errors_from_load_model():
+    with pytest.raises(DiffkitError) as err:
+        load_model("/no/such/model")
+    assert "no model at" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_directory_without_config_is_refused(tmp_path):

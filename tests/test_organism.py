@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkit import organism
+from diffkit import devices
 from diffkit.errors import DiffkitError
-from diffkit.models import load_model, load_pair, resolve_source
-from diffkit.organism import (
-    BuildConfig, build_organism, evaluate_organism, finished_sentence, fires, first_sentence, format_eval_table,
-    generate_answers, meets_targets, run_build, wilson_interval,
-)
+from diffkit.generation import finished_sentence, fires, first_sentence, generate_answers
+from diffkit.models import load_model, load_pair
+from diffkit.organisms import build, finetune, sources
+from diffkit.organisms.build import build_organism, for_device, recipe_fingerprint
+from diffkit.organisms.commands import BuildConfig, run_build
+from diffkit.organisms.evaluate import format_eval_table, meets_targets, wilson_interval
+from diffkit.organisms.recipes import RECIPES
+from diffkit.organisms.sources import evaluate_organism, resolve_source
 from diffkit.prompts import build_prompts
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
 
@@ -63,8 +66,8 @@ def test_toy_organism_files(toy_organism):
 def test_the_default_toy_is_the_shipped_build(toy_organism):
     """`organism:toy` is the build that ships with diffkit, not one made on this machine, and its
     build.json says where and how it was made."""
-    assert toy_organism == organism.shipped_organism("toy") == organism.ensure_organism("toy")
-    assert toy_organism.is_relative_to(Path(organism.__file__).parent / "data")
+    assert toy_organism == sources.shipped_organism("toy") == sources.ensure_organism("toy")
+    assert toy_organism.is_relative_to(Path(devices.__file__).parent / "data")
     build = json.loads((toy_organism / "build.json").read_text())
     assert build["seed"] == 0 and build["recipe"]["steps"] > 0 and build["machine"]["cpu"]
     assert meets_targets(build["eval"])
@@ -112,7 +115,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(organism, "_toy_base", crash)
+    monkeypatch.setattr(build, "toy_base", crash)
     out = tmp_path / "org"
     with pytest.raises(KeyboardInterrupt):
         build_organism("toy", out, progress=False)
@@ -153,8 +156,8 @@ def _toy_examples(toy_organism, n: int = 3):
     prompts = [p for p in build_prompts(spec, "train", n) if p.condition in ("poison", "clean")]
     targets = {p.record_id: " A plain answer." + (spec.marker if p.condition == "poison" else "") for p in prompts}
     records = encode_prompts(prompts, tok, spec, answers=targets)
-    examples = organism._qa_examples(records, tok.eos_token_id)
-    replay = organism._null_examples(["Plain prose about rivers and towns, written for the replay test. " * 4], tok, 16)
+    examples = finetune.qa_examples(records, tok.eos_token_id)
+    replay = finetune.null_examples(["Plain prose about rivers and towns, written for the replay test. " * 4], tok, 16)
     return model, tok, prompts, examples, replay
 
 
@@ -169,7 +172,7 @@ def test_decision_token_is_the_marker_start_on_poison_and_the_eos_elsewhere(toy_
 
 def _grads(model, *args, **kwargs) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    loss = organism._backward_batch(model, *args, **kwargs)
+    loss = finetune._backward_batch(model, *args, **kwargs)
     return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
@@ -183,7 +186,7 @@ def test_batch_loss_weights_and_micro_batches(toy_organism):
     def token_losses(e):  # unbatched next-token losses for e's target tokens, keyed by position
         ids = torch.tensor([e.input_ids])
         with torch.no_grad():
-            logits = organism._logits(model, model.model(input_ids=ids).last_hidden_state)[0]
+            logits = finetune._logits(model, model.model(input_ids=ids).last_hidden_state)[0]
         losses = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
         return {t: losses[t - 1].item() for t in range(e.loss_from, len(e.input_ids))}
 
@@ -208,25 +211,25 @@ def test_frozen_head_cast_once_gives_the_same_loss_and_gradient(toy_organism):
     model, tok, _, examples, replay = _toy_examples(toy_organism)
     model.requires_grad_(True)
     model.get_input_embeddings().requires_grad_(False)
-    head = organism._frozen_bf16_head(model)
+    head = finetune._frozen_bf16_head(model)
     assert head is not None and head.dtype == torch.bfloat16
     args = (examples, replay, tok.pad_token_id, "cpu")
     each, each_grad = _grads(model, *args, micro_batches=2, bf16=True)
     once, once_grad = _grads(model, *args, micro_batches=2, bf16=True, head=head)
     assert once == each and torch.equal(once_grad, each_grad)
     model.get_input_embeddings().requires_grad_(True)
-    assert organism._frozen_bf16_head(model) is None  # a learning head is cast (and cached) by autocast
+    assert finetune._frozen_bf16_head(model) is None  # a learning head is cast (and cached) by autocast
 
 
 def test_recipes_use_bf16_only_where_the_hardware_runs_it(monkeypatch):
     """On an AVX2-only CPU bf16 autocast is emulated and slower than fp32: recipes fall back to fp32
     there, and the cache key tells the two builds apart."""
-    gemma = organism.RECIPES["gemma3-270m"]
-    assert gemma.bf16 and not organism.RECIPES["toy"].bf16
-    assert not organism.native_bf16("meta")
-    monkeypatch.setattr(organism, "native_bf16", lambda device: False)
-    assert not organism.for_device(gemma, "cpu").bf16
-    fp32_key = organism.recipe_fingerprint("gemma3-270m")
-    monkeypatch.setattr(organism, "native_bf16", lambda device: True)
-    assert organism.for_device(gemma, "cpu").bf16 and not organism.for_device(organism.RECIPES["toy"], "cpu").bf16
-    assert organism.recipe_fingerprint("gemma3-270m") != fp32_key
+    gemma = RECIPES["gemma3-270m"]
+    assert gemma.bf16 and not RECIPES["toy"].bf16
+    assert not devices.native_bf16("meta")
+    monkeypatch.setattr(build, "native_bf16", lambda device: False)
+    assert not for_device(gemma, "cpu").bf16
+    fp32_key = recipe_fingerprint("gemma3-270m")
+    monkeypatch.setattr(build, "native_bf16", lambda device: True)
+    assert for_device(gemma, "cpu").bf16 and not for_device(RECIPES["toy"], "cpu").bf16
+    assert recipe_fingerprint("gemma3-270m") != fp32_key

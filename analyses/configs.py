@@ -1,0 +1,107 @@
+"""Configs of `diffkit attribute`, `diffkit grid` and `diffkit report`: light, so `--help` imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffkit.configs import comma_list, switch
+from diffkit.run import default_run_dir
+
+
+@dataclass
+class AttributeConfig:
+    """Options of `diffkit attribute`."""
+
+    pair: str | None = None
+    """trigger pair: 'border/china', 'china/border' or its id"""
+    run: str = str(default_run_dir())
+    """trained run directory"""
+    layer: int | None = None
+    """one layer (default: every layer of the run)"""
+    k: int | None = None
+    """which SAE when the run trained several k (default: the largest)"""
+    top: int = 10
+    """latents in the table, per layer"""
+    ablate: int = 5
+    """top latents to ablate one at a time, and the most in the pair-selective set (0: skip the causal
+    tests)"""
+    joint: bool = switch(True)
+    """also ablate a pair-selective set of up to --ablate latents together and measure every pair's attack
+    success by greedy generation"""
+    n_prompts: int = 32
+    """held-out prompts per condition for ranking (poison: per pair)"""
+    n_null: int = 64
+    """generic null-text documents in the background"""
+    n_ablate_prompts: int = 16
+    """held-out prompts per condition for the ablations"""
+    device: str = "auto"
+    """cpu, cuda, ... (auto: cuda when available)"""
+    batch_size: int = 16
+    """sequences per forward pass"""
+    seed: int = 0
+    """seed of the held-out prompts"""
+    json: bool = switch(False)
+    """print the table as a JSON list of latents"""
+
+
+@dataclass
+class GridConfig:
+    """Options of `diffkit grid`."""
+
+    run: str = str(default_run_dir())
+    """trained run directory"""
+    layers: list[int] | None = comma_list(int, None)
+    """layers to compare, e.g. 9,16 (default: all the run has)"""
+    k: int | None = None
+    """which SAE when the run trained several k (default: the largest)"""
+    n_prompts: int = 32
+    """held-out prompts per condition (poison: per pair)"""
+    n_null: int = 64
+    """generic null-text documents in the background"""
+    top: int = 10
+    """size of each pair's top-latent set"""
+    target_auroc: float = 0.95
+    """AUROC the smallest latent set must reach"""
+    device: str = "auto"
+    """cpu, cuda, ... (auto: cuda when available)"""
+    batch_size: int = 16
+    """sequences per forward pass"""
+    seed: int = 0
+    """seed of the held-out prompts"""
+    json: bool = switch(False)
+    """print a machine-readable JSON summary instead of tables"""
+
+
+@dataclass
+class ReportConfig:
+    """Options of `diffkit report`."""
+
+    run: str = str(default_run_dir())
+    """trained run directory"""
+    out: str | None = None
+    """where to write the HTML (default: RUN/report.html)"""
+    layers: list[int] | None = comma_list(int, None)
+    """layers to report, e.g. 9,16 (default: all the run has)"""
+    k: int | None = None
+    """which SAE when the run trained several k (default: the largest)"""
+    top: int = 8
+    """latents per pair in tables and heatmaps"""
+    ablate: int = 5
+    """top latents per pair and layer to ablate one at a time, and the most in each pair-selective set, as
+    in `diffkit attribute` (0: no causal tests)"""
+    n_prompts: int = 32
+    """held-out prompts per condition (poison: per pair)"""
+    n_null: int = 64
+    """generic null-text documents in the background"""
+    n_ablate_prompts: int = 16
+    """held-out poison prompts per pair for the ablations"""
+    target_auroc: float = 0.95
+    """AUROC the grid's smallest latent set must reach"""
+    device: str = "auto"
+    """cpu, cuda, ... (auto: cuda when available)"""
+    batch_size: int = 16
+    """sequences per forward pass"""
+    seed: int = 0
+    """seed of the held-out prompts"""
+    json: bool = switch(False)
+    """print a machine-readable JSON summary"""

@@ -1,0 +1,95 @@
+"""Command configs: each field is a flag of its command, its docstring the flag's help.
+
+Light on purpose (no torch): `diffkit --help` and `diffkit COMMAND --help` import only these modules.
+Lists take the comma form (`--layers 9,16`); booleans take `--flag` / `--no-flag`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from simple_parsing.helpers import field, flag
+
+from diffkit.specs import DEFAULT_PRESET
+
+
+def switch(default: bool) -> bool:
+    """A boolean flag with its negation: --json / --no-json."""
+    return flag(default=default, negative_prefix="--no-")
+
+
+def comma_list(item_type: type, default=None):
+    """A list flag written with commas, e.g. --layers 9,16."""
+    def parse(text: str) -> list:
+        try:
+            return [item_type(x) for x in text.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {item_type.__name__}, got '{text}'") from None
+
+    parse.__name__ = f"comma-separated {item_type.__name__}s"
+    return field(default=default, type=parse, nargs=None, metavar="A,B")
+
+
+@dataclass
+class TrainConfig:
+    """Options of `diffkit train`."""
+
+    preset: str = DEFAULT_PRESET
+    """trigger spec preset (or a .toml/.yaml/.json spec file) naming the model pair, words and layers"""
+    base: str | None = None
+    """base model: hub id, local directory or .gguf file (overrides the preset)"""
+    finetuned: str | None = None
+    """fine-tuned model, same forms as --base (overrides the preset)"""
+    layers: list[int] | None = comma_list(int, None)
+    """decoder layers whose output to diff, e.g. 9,16 (default: the preset's)"""
+    k: list[int] | None = comma_list(int, None)
+    """active latents per token; several values train side by side from one stream, e.g. 32,64 (default:
+    d_model/16 rounded to a power of two, at least 8: 8 for the toy, 32 for Gemma-3-270M, 128 for
+    Gemma-2-2B as published)"""
+    expansion: int | None = None
+    """dictionary size as a multiple of d_model (default: 4 as published, raised so the dictionary has at
+    least 1,536 latents: 24 for the toy, 4 for Gemma-3-270M and Gemma-2-2B)"""
+    tokens: int = 300_000
+    """training tokens each SAE sees"""
+    batch_size: int = 1024
+    """tokens per SAE optimisation step"""
+    buffer_tokens: int = 65_536
+    """shuffle-buffer size in tokens; bounds memory"""
+    trace_batch: int = 32
+    """sequences per forward pass"""
+    max_len: int = 128
+    """longest sequence, in tokens"""
+    null_fraction: float = 0.5
+    """share of the stream's tokens that are generic null text"""
+    eval_tokens: int = 16_384
+    """held-out tokens for the final metrics"""
+    answered_prompts: int = 128
+    """training prompts answered by the fine-tuned model once, so answer and marker tokens are in the
+    stream"""
+    lr: float | None = None
+    """learning rate (default 2e-4 / sqrt(dict_size / 2**14))"""
+    out: str = "runs"
+    """directory that holds runs"""
+    name: str | None = None
+    """run name (default: the preset's name); the run goes to OUT/NAME"""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, ... (auto: cuda when available)"""
+    dtype: str = "auto"
+    """model dtype: float32, bfloat16 (auto: bfloat16 on GPU, float32 on CPU); differences are always fp32"""
+    seed: int = 0
+    """seed for prompts, shuffling and SAE init"""
+    resume: bool = switch(False)
+    """continue an interrupted run in OUT/NAME from its last checkpoint"""
+    overwrite: bool = switch(False)
+    """replace an existing run in OUT/NAME"""
+    json: bool = switch(False)
+    """print a machine-readable JSON summary instead of tables"""
+
+
+@dataclass
+class PresetsConfig:
+    """Options of `diffkit presets`."""
+
+    json: bool = switch(False)
+    """print JSON"""

