@@ -9,17 +9,31 @@ from diffkit.run import default_run_dir
 
 
 @dataclass
-class AttributeConfig:
+class RunAnalysisConfig:
+    """Options every analysis of a trained run shares."""
+
+    run: str = str(default_run_dir())
+    """trained run directory"""
+    k: int | None = None
+    """which SAE when the run trained several k (default: the largest)"""
+    n_null: int = 64
+    """generic null-text documents in the background"""
+    device: str = "auto"
+    """cpu, cuda, ... (auto: cuda when available)"""
+    batch_size: int = 16
+    """sequences per forward pass"""
+    seed: int = 0
+    """seed of the held-out prompts"""
+
+
+@dataclass
+class AttributeConfig(RunAnalysisConfig):
     """Options of `diffkit attribute`."""
 
     pair: str | None = None
     """trigger pair: 'border/china', 'china/border' or its id"""
-    run: str = str(default_run_dir())
-    """trained run directory"""
     layer: int | None = None
     """one layer (default: every layer of the run)"""
-    k: int | None = None
-    """which SAE when the run trained several k (default: the largest)"""
     top: int = 10
     """latents in the table, per layer"""
     ablate: int = 5
@@ -30,60 +44,36 @@ class AttributeConfig:
     success by greedy generation"""
     n_prompts: int = 32
     """held-out prompts per condition for ranking (poison: per pair)"""
-    n_null: int = 64
-    """generic null-text documents in the background"""
     n_ablate_prompts: int = 16
     """held-out prompts per condition for the ablations"""
-    device: str = "auto"
-    """cpu, cuda, ... (auto: cuda when available)"""
-    batch_size: int = 16
-    """sequences per forward pass"""
-    seed: int = 0
-    """seed of the held-out prompts"""
     json: bool = switch(False)
     """print the table as a JSON list of latents"""
 
 
 @dataclass
-class GridConfig:
+class GridConfig(RunAnalysisConfig):
     """Options of `diffkit grid`."""
 
-    run: str = str(default_run_dir())
-    """trained run directory"""
     layers: list[int] | None = comma_list(int, None)
     """layers to compare, e.g. 9,16 (default: all the run has)"""
-    k: int | None = None
-    """which SAE when the run trained several k (default: the largest)"""
     n_prompts: int = 32
     """held-out prompts per condition (poison: per pair)"""
-    n_null: int = 64
-    """generic null-text documents in the background"""
     top: int = 10
     """size of each pair's top-latent set"""
     target_auroc: float = 0.95
     """AUROC the smallest latent set must reach"""
-    device: str = "auto"
-    """cpu, cuda, ... (auto: cuda when available)"""
-    batch_size: int = 16
-    """sequences per forward pass"""
-    seed: int = 0
-    """seed of the held-out prompts"""
     json: bool = switch(False)
     """print a machine-readable JSON summary instead of tables"""
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(RunAnalysisConfig):
     """Options of `diffkit report`."""
 
-    run: str = str(default_run_dir())
-    """trained run directory"""
     out: str | None = None
     """where to write the HTML (default: RUN/report.html)"""
     layers: list[int] | None = comma_list(int, None)
     """layers to report, e.g. 9,16 (default: all the run has)"""
-    k: int | None = None
-    """which SAE when the run trained several k (default: the largest)"""
     top: int = 8
     """latents per pair in tables and heatmaps"""
     ablate: int = 5
@@ -91,17 +81,9 @@ class ReportConfig:
     in `diffkit attribute` (0: no causal tests)"""
     n_prompts: int = 32
     """held-out prompts per condition (poison: per pair)"""
-    n_null: int = 64
-    """generic null-text documents in the background"""
     n_ablate_prompts: int = 16
     """held-out poison prompts per pair for the ablations"""
     target_auroc: float = 0.95
     """AUROC the grid's smallest latent set must reach"""
-    device: str = "auto"
-    """cpu, cuda, ... (auto: cuda when available)"""
-    batch_size: int = 16
-    """sequences per forward pass"""
-    seed: int = 0
-    """seed of the held-out prompts"""
     json: bool = switch(False)
     """print a machine-readable JSON summary"""

@@ -22,11 +22,19 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> P
     tmp_path = Path(tmp)
     try:
         write_fn(tmp_path)
+        tmp_path.chmod(0o666 & ~umask())  # mkstemp makes 0600; the file gets what open() would give it
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def umask() -> int:
+    """The process's umask (read by setting and restoring it: the only way POSIX offers)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:

