@@ -87,3 +87,21 @@ class ReportConfig(RunAnalysisConfig):
     """AUROC the grid's smallest latent set must reach"""
     json: bool = switch(False)
     """print a machine-readable JSON summary"""
+
+
+@dataclass
+class LatentConfig(RunAnalysisConfig):
+    """Options of `diffkit latent`."""
+
+    layer: int | None = None
+    """the SAE's layer (default: the run's deepest)"""
+    latent: list[int] | None = comma_list(int, None)
+    """one or more latents of that SAE, e.g. 12 or 12,40 (one page set)"""
+    out: str | None = None
+    """HTML file to write (default: RUN/analyses/latents/L{layer}_k{k}_{latents}.html)"""
+    examples: int = 6
+    """top-activating examples per kind of text"""
+    n_prompts: int = 32
+    """held-out prompts per condition (poison: per pair), as in `diffkit report`"""
+    json: bool = switch(False)
+    """print the dashboards as JSON"""

@@ -4,6 +4,7 @@
     diffkit organism build --preset toy --out DIR
     diffkit organism eval DIR
     diffkit attribute --pair border/china [--run runs/toy]
+    diffkit latent --layer 2 --latent 17 [--run runs/toy]
     diffkit grid / diffkit report / diffkit presets
 
 Flags and their help come from the config dataclasses (simple-parsing reads the field docstrings).
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.help_formatter import SimpleHelpFormatter
 
-from analyses.configs import AttributeConfig, GridConfig, ReportConfig
+from analyses.configs import AttributeConfig, GridConfig, LatentConfig, ReportConfig
 from diffkit.configs import PresetsConfig, TrainConfig
 from diffkit.errors import DiffkitError
 from diffkit.organisms.config import BuildConfig, EvalConfig
@@ -46,6 +47,8 @@ COMMANDS = {
                     "analyses.grid:run_grid"),
     "report": Command("write one self-contained HTML report for a trained run", ReportConfig,
                       "analyses.report:run_report"),
+    "latent": Command("a dashboard for any latent: shaded top contexts, density, fire rates, logit effect, nearest latents",
+                      LatentConfig, "analyses.dashboard:run_latent"),
     "presets": Command("list the trigger-spec presets", PresetsConfig, "diffkit.cli:list_presets"),
 }
 

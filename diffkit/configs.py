@@ -83,6 +83,14 @@ class TrainConfig:
     """continue an interrupted run in OUT/NAME from its last checkpoint"""
     overwrite: bool = switch(False)
     """replace an existing run in OUT/NAME"""
+    fidelity_prompts: int = 8
+    """held-out sequences per text group and poison prompts per pair for the spliced-in fidelity in
+    metrics.json (0: skip it)"""
+    log_every: int = 10
+    """write each SAE's loss, FVE, L0, dead fraction, aux-k loss, threshold, lr and tokens/s to
+    RUN/history.jsonl every this many steps"""
+    log: list[str] | None = comma_list(str, None)
+    """also log the history to wandb and/or tensorboard (each needs its extra: pip install 'diffkit[wandb]')"""
     json: bool = switch(False)
     """print a machine-readable JSON summary instead of tables"""
 

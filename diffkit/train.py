@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from diffkit.buffer import ShuffleBuffer
 from diffkit.configs import TrainConfig
@@ -23,9 +22,11 @@ from diffkit.devices import pick_dtype, resolve_device
 from diffkit.errors import DiffkitError
 from diffkit.files import atomic_write, write_json
 from diffkit.generation import generate_answers
+from diffkit.history import TrainingHistory, check_loggers
 from diffkit.metrics import evaluate_sae, format_metrics_table
 from diffkit.models import ORGANISM_PREFIX, check_layers, load_pair
 from diffkit.organisms.sources import resolve_source
+from diffkit.progress import progress_bar
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import fit_normalization, save_sae
 from diffkit.specs import load_spec
@@ -54,6 +55,9 @@ def default_k(d_model: int) -> int:
 
 MIN_DICT_SIZE = 1536
 
+    fidelity_prompts: int = field(default=8, metadata={"help": "held-out sequences per text group and poison prompts per pair for the spliced-in fidelity in metrics.json (0: skip it)"})
+    log_every: int = field(default=10, metadata={"help": "write each SAE's loss, FVE, L0, dead fraction, threshold, lr and tokens/s to RUN/history.jsonl every this many steps"})
+    log: list[str] | None = field(default=None, metadata={"help": "also log the history to wandb and/or tensorboard (needs that package: pip install 'diffkit[wandb]')"})
 
 def default_expansion(d_model: int) -> int:
     """4× d_model as published, but never fewer than MIN_DICT_SIZE latents.
@@ -177,7 +181,7 @@ def train(cfg: TrainConfig) -> dict:
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
 
     loop_started, loop_tokens_start = time.time(), tokens_done
-    bar = tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json)
     batches = stream.batches(cursor)
     last: dict[str, dict] = {}
     while tokens_done < cfg.tokens:
@@ -193,6 +197,7 @@ def train(cfg: TrainConfig) -> dict:
                 sae = saes[f"{L}_{k}"]
                 last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(batch.diffs[L]))
             tokens_done += cfg.batch_size
+    check_loggers(cfg.log or [])
             bar.update(cfg.batch_size)
             bar.set_postfix_str(progress_line(last), refresh=False)
             if tokens_done >= cfg.tokens:
@@ -216,7 +221,13 @@ def train(cfg: TrainConfig) -> dict:
         "saes": results,
     }
     if not cfg.json:
-        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **r["metrics"]} for r in results]))
+    history = TrainingHistory(run_dir, trainers, cfg.log_every, tokens_done // cfg.batch_size if cfg.resume else None,
+                              cfg.log or [], name, asdict(cfg))
+        from analyses.fidelity import fidelity_summary
+
+        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **{m: v for m, v in r["metrics"].items() if m != "spliced"},
+                                     **{f"spliced_{m}": v for m, v in fidelity_summary(r["metrics"].get("spliced")).items()}}
+                                    for r in results]))
         print(f"run written to {run_dir}")
     return summary
 
@@ -233,12 +244,14 @@ def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int)
     """Held-out metrics, SAE files, run.json (written last: its presence marks the run complete)."""
     records = eval_records(pair, spec, cfg, run_dir)
     held = concat_batches(list(trace_differences(pair, records, layers, batch_size=cfg.trace_batch)))
+            history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
     flags = {f: held.meta[f] for f in ("is_fire_token", "is_trigger_token", "is_decision_token", "is_answer")}
     results = []
     for L in layers:
         for k in ks:
             sae = saes[f"{L}_{k}"]
             metrics = evaluate_sae(sae, held.diffs[L], flags)
+    history.close()
             sub = sae_dirname(L, k, ks)
             save_sae(sae, run_dir / sub, {"layer": L, "base_model": spec.base, "finetuned_model": spec.finetuned,
                                           "training_tokens": cfg.tokens, "seed": cfg.seed, "lr": cfg.lr})
@@ -254,3 +267,8 @@ def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int)
     })
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return results
+    from analyses.fidelity import spliced_fidelity
+
+            if cfg.fidelity_prompts:
+                generic = null_records(pair.tokenizer, cfg.max_len, "heldout")[: cfg.fidelity_prompts]
+                metrics["spliced"] = spliced_fidelity(pair, sae, L, records + generic, spec, cfg.fidelity_prompts)
