@@ -231,7 +231,8 @@ def density_figure(d: dict) -> go.Figure:
         fig.add_trace(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=h["counts"], width=np.diff(edges), marker_color="#d95f02",
                              hovertemplate="log10 activation %{x:.2f}<br>%{y} tokens<extra></extra>"))
     fig.update_layout(title=f"activation density: fires on {100 * dens['fraction_firing']:.2f}% of {dens['n_tokens']:,} tokens",
-                      xaxis_title="log10 activation (non-zero values)", yaxis=dict(title="tokens", type="log"),
+                      xaxis_title="log10 activation (non-zero values)",
+                      yaxis=dict(title="tokens (log scale)", type="log", range=[-0.3, np.log10(max(dens["n_firing"], 1)) + 0.2]),
                       height=300, width=520, margin=dict(l=60, r=20, t=50, b=50))
     return fig
 

@@ -8,6 +8,7 @@ figure shows up in a browser and in headless tests alike.
 from __future__ import annotations
 
 import html
+from typing import Callable
 
 import pandas as pd
 from plotly.offline import get_plotlyjs
@@ -36,8 +37,18 @@ window.addEventListener('error', function (e) {
 """
 
 
-def frame_html(frame: pd.DataFrame) -> str:
-    table = frame.to_html(classes="frame", index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0)
+def frame_html(frame: pd.DataFrame, links: dict[str, Callable[[dict], str]] | None = None) -> str:
+    """A pandas table; `links` maps a column to a function of the row (a dict) that gives the link
+    target of each of its cells. Every cell is HTML-escaped."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if shown[column].dtype == object:
+            shown[column] = shown[column].map(lambda v: v if v is None or isinstance(v, float) else html.escape(str(v)))
+    for column, target in (links or {}).items():
+        shown[column] = [f"<a href='{html.escape(target(row))}'>{html.escape(str(row[column]))}</a>"
+                         for row in frame.to_dict("records")]
+    table = shown.to_html(classes="frame", index=False, float_format=lambda v: f"{v:.3f}", na_rep="", border=0,
+                          escape=False)
     return f"<div class='scroll'>{table}</div>"
 
 

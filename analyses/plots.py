@@ -204,3 +204,53 @@ def write_html_fragment(body: str, path: str | Path, title: str = "diffkit") -> 
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{EXAMPLE_CSS}</style></head><body>{body}</body></html>")
     return write_text(path, page)
+
+
+HISTORY_PANELS = (("loss", "loss (mse + aux-k)", "log"), ("fve", "FVE (training batch)", "linear"),
+                  ("l0", "L0", "linear"), ("dead", "dead fraction", "linear"), ("auxk", "aux-k loss", "log"),
+                  ("threshold", "inference threshold", "linear"), ("lr", "learning rate", "linear"),
+                  ("tokens_per_second", "tokens / s", "linear"))
+
+
+def history_figure(history: pd.DataFrame) -> go.Figure:
+    """The training history (history.jsonl) against tokens seen, one line per SAE in every panel."""
+    fig = make_subplots(rows=2, cols=4, subplot_titles=[title for _, title, _ in HISTORY_PANELS],
+                        horizontal_spacing=0.06, vertical_spacing=0.16)
+    colors = plotly_colors()
+    for i, (sae, rows) in enumerate(history.groupby("sae", sort=False)):
+        for p, (column, _, scale) in enumerate(HISTORY_PANELS):
+            fig.add_trace(go.Scatter(x=rows["tokens"], y=rows[column], mode="lines", name=sae, legendgroup=sae,
+                                     showlegend=p == 0, line=dict(color=colors[i % len(colors)])),
+                          row=p // 4 + 1, col=p % 4 + 1)
+            fig.update_yaxes(type=scale, row=p // 4 + 1, col=p % 4 + 1)
+    fig.update_xaxes(title_text="tokens", row=2)
+    fig.update_layout(height=560, title="training history (history.jsonl)", margin=dict(t=80))
+    return fig
+
+
+def fidelity_figure(metrics: dict[str, dict]) -> go.Figure:
+    """Spliced-in fidelity per SAE: left, the fraction of KL(ft ‖ base) recovered on each kind of text,
+    with the SAE's reconstruction spliced in (solid) and with the difference zeroed (hatched); right,
+    each pair's attack success rate for the fine-tune, the splice and the zeroed difference."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("KL(ft ‖ base) recovered", "attack success rate per pair"),
+                        horizontal_spacing=0.1)
+    colors = plotly_colors()
+    for i, (name, spliced) in enumerate(metrics.items()):
+        color = colors[i % len(colors)]
+        groups = list(spliced["kl_recovered"])
+        fig.add_trace(go.Bar(x=groups, y=[spliced["kl_recovered"][g] for g in groups], name=f"{name} spliced",
+                             marker_color=color), row=1, col=1)
+        fig.add_trace(go.Bar(x=groups, y=[spliced["kl_recovered_zeroed"][g] for g in groups], name=f"{name} zeroed",
+                             marker=dict(color=color, pattern_shape="/", opacity=0.5)), row=1, col=1)
+        for variant, shape in (("spliced", ""), ("zeroed", "/")):
+            rates = spliced["asr"][variant]
+            fig.add_trace(go.Bar(x=list(rates), y=list(rates.values()), name=f"{name} ASR {variant}", showlegend=False,
+                                 marker=dict(color=color, pattern_shape=shape, opacity=1 if not shape else 0.5)), row=1, col=2)
+    first = next(iter(metrics.values()))
+    fig.add_trace(go.Scatter(x=list(first["asr"]["finetuned"]), y=list(first["asr"]["finetuned"].values()), mode="markers",
+                             name="fine-tune ASR", marker=dict(symbol="line-ew-open", size=30, color="black")), row=1, col=2)
+    fig.update_yaxes(range=[min(0, *(v for m in metrics.values() for v in m["kl_recovered_zeroed"].values() if v is not None)), 1.05],
+                     row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=2)
+    fig.update_layout(barmode="group", height=420, legend=dict(orientation="h", y=-0.2))
+    return fig

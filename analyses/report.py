@@ -12,12 +12,17 @@ import pandas as pd
 from analyses import plots
 from analyses.attribute import TABLE_COLUMNS, ablation_prompts, attribute_table, fill_ablation_effects, selective_ablation
 from analyses.configs import ReportConfig
+from analyses.dashboard import anchor, latent_dashboard, write_dashboards
+from analyses.fidelity import __doc__ as FIDELITY_DOC
+from analyses.fidelity import fidelity_summary
 from analyses.grid import grid_summary
 from analyses.page import Page, frame_html
 from analyses.ranking import __doc__ as RANKING_DOC
 from analyses.stats import Collection, load_activations, load_run_pair, write_latent_stats
 from diffkit.files import write_text
+from diffkit.history import read_history
 from diffkit.metrics import flatten
+from diffkit.models import load_model
 from diffkit.run import load_run
 
 
@@ -28,11 +33,27 @@ def run_section(page: Page, run) -> None:
              + ", ".join(f"layer {e.layer} k {e.k}" for e in run.saes) + "</p>")
     pairs = pd.DataFrame([{"pair": p.id, "words": p.name, "related": p.related, "charged": p.charged} for p in spec.pairs])
     page.add(frame_html(pairs))
-    metrics = run.record.get("metrics") or {}
-    rows = [{"sae": name, **flatten(values)} for name, values in metrics.items() if isinstance(values, dict)]
+    metrics = {name: values for name, values in (run.record.get("metrics") or {}).items() if isinstance(values, dict)}
+    rows = [{"sae": name, **flatten({m: v for m, v in values.items() if m != "spliced"}),
+             **{f"spliced_{m}": v for m, v in fidelity_summary(values.get("spliced")).items()}}
+            for name, values in metrics.items()]
     if rows:
         page.heading("SAE metrics (held-out tokens)", 3)
         page.add(frame_html(pd.DataFrame(rows)))
+    spliced = {name: values["spliced"] for name, values in metrics.items() if values.get("spliced")}
+    if spliced:
+        page.heading("Spliced-in fidelity: does the reconstruction carry the fine-tune?", 3)
+        page.add(f"<pre class='doc'>{html.escape(FIDELITY_DOC.strip())}</pre>")
+        page.add(frame_html(pd.DataFrame([{"sae": name, **flatten({"kl_recovered": s["kl_recovered"],
+                                                                   "kl_recovered_zeroed": s["kl_recovered_zeroed"]})}
+                                          for name, s in spliced.items()])))
+        page.add(frame_html(pd.DataFrame([{"sae": name, "asr": variant, **rates} for name, s in spliced.items()
+                                          for variant, rates in s["asr"].items()])))
+        page.figure(plots.fidelity_figure(spliced))
+    history = read_history(run.path)
+    if len(history):
+        page.heading("Training history", 3)
+        page.figure(plots.history_figure(history))
 
 
 def run_report(cfg: ReportConfig) -> dict:
@@ -47,6 +68,9 @@ def run_report(cfg: ReportConfig) -> dict:
     stats_files = write_latent_stats(run.path, activations, spec)
     summary, overlaps, rankings = grid_summary(activations, spec, cfg.top, cfg.target_auroc)
 
+    out = Path(cfg.out) if cfg.out else run.path / "report.html"
+    latents_page = out.with_name(f"{out.stem}_latents.html")
+    k_of = {L: run.entry(L, cfg.k).k for L in activations}
     page = Page(f"diffkit report: {run.path.name}")
     run_section(page, run)
     page.heading("Trigger pairs across the relatedness × charged-ness grid")
@@ -69,7 +93,8 @@ def run_report(cfg: ReportConfig) -> dict:
                 fill_ablation_effects(table, table.index[table["layer"] == L][: cfg.ablate], models, sae, L, own, spec,
                                       cfg.batch_size)
         tables[pair.name] = table
-        page.add(frame_html(table[TABLE_COLUMNS]))
+        page.add(frame_html(table[TABLE_COLUMNS], links={"latent": lambda row: f"{latents_page.name}#"
+                                                         + anchor(int(row["layer"]), k_of[int(row["layer"])], int(row["latent"]))}))
         for L, a in activations.items():
             latents = table.loc[table["layer"] == L, "latent"].astype(int).tolist()
             scores = a.prompt_scores()
@@ -89,11 +114,16 @@ def run_report(cfg: ReportConfig) -> dict:
     page.heading("How latents are ranked")
     page.add(f"<pre class='doc'>{html.escape(RANKING_DOC.strip())}</pre>")
 
-    out = Path(cfg.out) if cfg.out else run.path / "report.html"
+    ranked = sorted({(int(r["layer"]), int(r["latent"])) for t in tables.values() for r in t.to_dict("records")})
+    finetuned = (models.finetuned_hf, models.tokenizer) if models is not None else load_model(run.finetuned)
+    dashboards = [latent_dashboard(run.path, L, j, cfg.k, activations[L], finetuned=finetuned) for L, j in ranked]
+    write_dashboards(dashboards, latents_page, f"diffkit latents: {run.path.name} (every latent the report ranks)")
     write_text(out, page.render())
     result = {
         "report": str(out),
         "figures": page.n_figures,
+        "latents_page": str(latents_page),
+        "latent_dashboards": len(dashboards),
         "latent_stats": [str(p) for p in stats_files],
         "top_latents": {name: t.groupby("layer")["latent"].first().to_dict() for name, t in tables.items()},
         "selective_ablation": {L: {p: {"latents": r["latents"], "asr_after": r.get("asr_after")} for p, r in res.items()}
