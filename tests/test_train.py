@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from diffkit.cli import main
+from diffkit.history import read_history
 from diffkit.run import load_run
 
 pytestmark = pytest.mark.slow
@@ -31,6 +32,16 @@ def test_run_has_files_and_metrics(toy_run, toy_organism):
         assert 0.5 * e.k <= metrics["l0"] <= 1.5 * e.k
         assert set(metrics["fve_by_subset"]) >= {"all", "top1pct", "bottom50pct"}
     assert not (toy_run / "checkpoint").exists()
+    history = read_history(toy_run)
+    saes = {f"L{e.layer}k{e.k}" for e in run.saes}
+    assert set(history["sae"]) == saes and len(history) >= 9 * len(saes)  # every 10 of 96 steps, and the last
+    for _, rows in history.groupby("sae"):
+        assert rows["step"].is_monotonic_increasing and rows["step"].is_unique
+        assert rows["loss"].iloc[-3:].mean() < rows["loss"].iloc[:3].mean() / 2  # it learned
+        assert rows["l0"].max() <= rows["k"].iloc[0] * 1.01 and (rows["dead"].between(0, 1)).all()
+    spliced = json.loads((run.saes[0].path / "metrics.json").read_text())["spliced"]
+    assert set(spliced["asr"]["spliced"]) == {p.name for p in run.spec.pairs}
+    assert set(spliced["kl_recovered"]) == {"clean", "trigger", "generic", "all"}
 
 
 def run_cli(args, env_cache):
@@ -41,11 +52,13 @@ def run_cli(args, env_cache):
 def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     cache = toy_organism.parent.parent
     args = SMALL + ["--out", str(tmp_path), "--k", "8,16"]
-    whole = run_cli(args + ["--name", "whole"], cache)
+    whole = run_cli(args + ["--name", "whole", "--log-every", "3"], cache)
     assert whole.returncode == 0, whole.stderr[-2000:]
+    # stderr is a pipe, not a terminal: progress comes as plain lines, never carriage-return redraws
+    assert "\r" not in whole.stderr and "train whole: 24.6k/24.6k tok (100%)" in whole.stderr, whole.stderr[-2000:]
 
     env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut", "--log-every", "3"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "cut" / "checkpoint" / "state.pt"
     deadline = time.time() + 300
@@ -66,6 +79,10 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
 
     resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the history continues: the rows of the uninterrupted run, none twice (tokens/s aside)
+    same = ["step", "tokens", "sae", "loss", "fve", "l0", "dead", "threshold", "lr"]
+    a, b = read_history(tmp_path / "whole")[same], read_history(tmp_path / "cut")[same]
+    assert len(a) == 4 * (24576 // 512 // 3) and a.equals(b)  # 2 layers × 2 k, every 3rd of 48 steps
     files = sorted((tmp_path / "whole").glob("layer_*/model.safetensors"))
     assert len(files) == 2 * len(load_run(tmp_path / "whole").layers)
     for path in files:
@@ -77,6 +94,7 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--layers", "99"], "out of range"),
+    (["--log", "no-such-logger"], "unknown --log"),
     (["--preset", "no-such-preset"], "no preset"),
     (["--base", "/nonexistent/model"], "/nonexistent/model"),
 ])
