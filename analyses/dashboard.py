@@ -28,7 +28,7 @@ from analyses.stats import Activations, Collection, load_activations, split_mask
 from diffkit.devices import resolve_device
 from diffkit.errors import DiffkitError
 from diffkit.files import write_text
-from diffkit.models import load_model
+from diffkit.models import final_norm_of, load_model
 from diffkit.run import load_run
 
 COLORSCALE = "YlOrRd"
@@ -134,19 +134,6 @@ def quantile_examples(activations, column, scores, n_bins: int = 4, per_bin: int
     return out
 
 
-def final_norm(model):
-    """The final norm before the unembedding (Gemma, Llama, GPT-2 and GPT-NeoX layouts)."""
-    for path in ("model.norm", "model.language_model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"):
-        node = model
-        try:
-            for name in path.split("."):
-                node = getattr(node, name)
-        except AttributeError:
-            continue
-        return node
-    raise DiffkitError(f"cannot find the final norm of {type(model).__name__}")
-
-
 @torch.no_grad()
 def logit_effect(model, tokenizer, direction: torch.Tensor, n: int = 10) -> dict:
     """Tokens the direction promotes and suppresses: unembed(final_norm(d)), centred over the vocabulary.
@@ -155,7 +142,7 @@ def logit_effect(model, tokenizer, direction: torch.Tensor, n: int = 10) -> dict
     so the values rank tokens; their size is not a logit change."""
     head = model.get_output_embeddings()
     d = direction.to(device=head.weight.device, dtype=head.weight.dtype)[None, None]
-    logits = head(final_norm(model)(d))[0, 0].float()
+    logits = head(final_norm_of(model)(d))[0, 0].float()
     logits -= logits.mean()
     top, bottom = logits.topk(n), logits.topk(n, largest=False)
     as_list = lambda v: [{"token": tokenizer.decode([int(i)]), "token_id": int(i), "logit": float(x)} for x, i in zip(v.values, v.indices)]

@@ -184,7 +184,18 @@ def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, dev
 
 def layers_of(model) -> Any:
     """The decoder-layer list of an HF model or its nnsight wrapper, so callers need no per-arch branches."""
-    for path in ("model.layers", "model.language_model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
+    return _first_attribute(model, ("model.layers", "model.language_model.layers", "model.model.layers", "transformer.h",
+                                    "gpt_neox.layers"), "decoder layers")
+
+
+def final_norm_of(model) -> Any:
+    """The norm an HF model applies before its unembedding (Gemma, Llama, GPT-2 and GPT-NeoX layouts)."""
+    return _first_attribute(model, ("model.norm", "model.language_model.norm", "transformer.ln_f",
+                                    "gpt_neox.final_layer_norm"), "final norm")
+
+
+def _first_attribute(model, paths: tuple[str, ...], what: str) -> Any:
+    for path in paths:
         node = model
         try:
             for name in path.split("."):
@@ -192,7 +203,7 @@ def layers_of(model) -> Any:
         except AttributeError:
             continue
         return node
-    raise DiffkitError(f"cannot find the decoder layers of {type(model).__name__}")
+    raise DiffkitError(f"cannot find the {what} of {type(model).__name__}")
 
 
 def check_layers(layers, n_layers: int) -> list[int]:
