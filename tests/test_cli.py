@@ -8,7 +8,7 @@ import pytest
 
 from diffkit.cli import build_parser, main
 
-COMMANDS = ["train", "organism build", "organism eval", "attribute", "grid", "report", "presets"]
+COMMANDS = ["train", "organism build", "organism eval", "attribute", "grid", "report", "latent", "presets"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
