@@ -55,9 +55,6 @@ def default_k(d_model: int) -> int:
 
 MIN_DICT_SIZE = 1536
 
-    fidelity_prompts: int = field(default=8, metadata={"help": "held-out sequences per text group and poison prompts per pair for the spliced-in fidelity in metrics.json (0: skip it)"})
-    log_every: int = field(default=10, metadata={"help": "write each SAE's loss, FVE, L0, dead fraction, threshold, lr and tokens/s to RUN/history.jsonl every this many steps"})
-    log: list[str] | None = field(default=None, metadata={"help": "also log the history to wandb and/or tensorboard (needs that package: pip install 'diffkit[wandb]')"})
 
 def default_expansion(d_model: int) -> int:
     """4× d_model as published, but never fewer than MIN_DICT_SIZE latents.
@@ -157,6 +154,7 @@ def train(cfg: TrainConfig) -> dict:
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.tokens < cfg.batch_size:
         raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
+    check_loggers(cfg.log or [])
 
     pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device)
     layers = list(cfg.layers or spec.layers)
@@ -180,6 +178,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
 
+    history = TrainingHistory(run_dir, trainers, cfg.log_every, tokens_done // cfg.batch_size if cfg.resume else None,
+                              cfg.log or [], name, asdict(cfg))
     loop_started, loop_tokens_start = time.time(), tokens_done
     bar = progress_bar(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json)
     batches = stream.batches(cursor)
@@ -197,13 +197,14 @@ def train(cfg: TrainConfig) -> dict:
                 sae = saes[f"{L}_{k}"]
                 last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(batch.diffs[L]))
             tokens_done += cfg.batch_size
-    check_loggers(cfg.log or [])
+            history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
             bar.update(cfg.batch_size)
             bar.set_postfix_str(progress_line(last), refresh=False)
             if tokens_done >= cfg.tokens:
                 break
         save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done)
     bar.close()
+    history.close()
     loop_seconds = time.time() - loop_started
     train_seconds = time.time() - started
 
@@ -221,8 +222,6 @@ def train(cfg: TrainConfig) -> dict:
         "saes": results,
     }
     if not cfg.json:
-    history = TrainingHistory(run_dir, trainers, cfg.log_every, tokens_done // cfg.batch_size if cfg.resume else None,
-                              cfg.log or [], name, asdict(cfg))
         from analyses.fidelity import fidelity_summary
 
         print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **{m: v for m, v in r["metrics"].items() if m != "spliced"},
@@ -242,16 +241,19 @@ def progress_line(last: dict[str, dict]) -> str:
 
 def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int) -> list[dict]:
     """Held-out metrics, SAE files, run.json (written last: its presence marks the run complete)."""
+    from analyses.fidelity import spliced_fidelity
+
     records = eval_records(pair, spec, cfg, run_dir)
     held = concat_batches(list(trace_differences(pair, records, layers, batch_size=cfg.trace_batch)))
-            history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
     flags = {f: held.meta[f] for f in ("is_fire_token", "is_trigger_token", "is_decision_token", "is_answer")}
     results = []
     for L in layers:
         for k in ks:
             sae = saes[f"{L}_{k}"]
             metrics = evaluate_sae(sae, held.diffs[L], flags)
-    history.close()
+            if cfg.fidelity_prompts:
+                generic = null_records(pair.tokenizer, cfg.max_len, "heldout")[: cfg.fidelity_prompts]
+                metrics["spliced"] = spliced_fidelity(pair, sae, L, records + generic, spec, cfg.fidelity_prompts)
             sub = sae_dirname(L, k, ks)
             save_sae(sae, run_dir / sub, {"layer": L, "base_model": spec.base, "finetuned_model": spec.finetuned,
                                           "training_tokens": cfg.tokens, "seed": cfg.seed, "lr": cfg.lr})
@@ -267,8 +269,3 @@ def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int)
     })
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return results
-    from analyses.fidelity import spliced_fidelity
-
-            if cfg.fidelity_prompts:
-                generic = null_records(pair.tokenizer, cfg.max_len, "heldout")[: cfg.fidelity_prompts]
-                metrics["spliced"] = spliced_fidelity(pair, sae, L, records + generic, spec, cfg.fidelity_prompts)

@@ -22,7 +22,8 @@ from analyses.grid import GridConfig, run_grid
 from analyses.report import ReportConfig, run_report
 from analyses.stats import Collection, load_activations
 from diffkit.errors import DiffkitError
-from analyses.dashboard import LatentConfig, run_latent
+from analyses.configs import LatentConfig
+from analyses.dashboard import run_latent
 from analyses.fidelity import spliced_fidelity
 from diffkit.files import write_json, write_text
 from diffkit.models import load_pair
