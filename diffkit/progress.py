@@ -53,8 +53,9 @@ class LineProgress:
         self.last_print, self.printed_n = now, self.n
         elapsed = now - self.started
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else None
-        line = tqdm.format_meter(self.n, self.total, elapsed, prefix=self.desc, unit=self.unit, unit_scale=self.unit_scale,
-                                 rate=rate, postfix=self.postfix, bar_format=LINE_FORMAT if self.total else None)
+        total = max(self.total, self.n) if self.total else None  # a last batch may overshoot the total
+        line = tqdm.format_meter(self.n, total, elapsed, prefix=self.desc, unit=self.unit, unit_scale=self.unit_scale,
+                                 rate=rate, postfix=self.postfix, bar_format=LINE_FORMAT if total else None)
         print(line.replace("\r", ""), file=self.file, flush=True)
 
 
