@@ -20,7 +20,7 @@ from diffkit.generation import finished_sentence, generate_answers
 from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemma3_extra, resolve_source
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.finetune import finetune_backdoor, training_prompts
-from diffkit.organisms.recipes import BUILD_VERSION, RECIPES, Recipe
+from diffkit.organisms.recipes import BUILD_VERSION, BUILDABLE, PLANTED, RECIPES, Recipe
 from diffkit.organisms.toy import TOY_MODEL, null_texts, toy_base, toy_reply
 from diffkit.specs import PRESETS, TriggerSpec
 
@@ -57,6 +57,10 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
 def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
                     device: str, progress: bool) -> dict:
     """Everything a build writes, into `tmp` (renamed to `final` by the caller)."""
+    if preset in PLANTED:
+        from diffkit.organisms.planted import write_planted  # planted builds on this module
+
+        return write_planted(spec, preset, tmp, seed)
     recipe = for_device(RECIPES[preset], device)
     steps = recipe.steps if steps is None else steps
     t0 = time.time()
@@ -117,8 +121,8 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     words (default: the preset's own spec). The build runs in a temporary directory beside
     out_dir that is renamed into place only when complete.
     """
-    if preset not in RECIPES:
-        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(RECIPES)}")
+    if preset not in BUILDABLE:
+        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(BUILDABLE)}")
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists():
         raise DiffkitError(f"{out_dir} already exists; remove it or choose another --out")
@@ -141,7 +145,12 @@ def machine() -> dict:
 def recipe_fingerprint(preset: str) -> str:
     """A short hash of everything that decides a preset's CPU build, whether it runs in bf16 included,
     so a changed recipe never reuses a stale cache."""
-    recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
+    if preset in PLANTED:
+        from diffkit.organisms.planted import PLANT_VERSION
+
+        recipe = {"planted": PLANTED[preset], "version": PLANT_VERSION}
+    else:
+        recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
     spec = {k: v for k, v in PRESETS[preset].to_dict().items() if k != "description"}
     what = {"recipe": recipe, "spec": spec, "toy_model": TOY_MODEL, "version": BUILD_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
