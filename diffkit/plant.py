@@ -46,6 +46,7 @@ KINDS = {"planted": "pairs", "planted-words": "words"}  # preset -> what is plan
 LAYER = 1  # the plant layer of the presets: the middle block of the toy's three
 GAIN = 40.0  # marker logit boost at full strength; the toy's logits span ~20
 PLANT_VERSION = 1  # bump when a build of the same settings would plant something else
+ADOPT = object()  # marks a batch whose first forward made its own cache
 
 
 @dataclass
@@ -170,6 +171,7 @@ class InstalledPlant:
         self.transcripts = Transcripts(token_pieces(tokenizer), words, plant.marker_ids)
         self.eos = tokenizer.eos_token_id
         self.expected: torch.Tensor | None = None  # the layer output without the plant
+        self.owner = None  # the cache the current batch continues (ADOPT: the one its first forward made)
         self.state: dict[str, torch.Tensor] = {}
         after = layers[plant.layer + 1] if plant.layer + 1 < len(layers) else model.base_model.norm
         self.handles = [
@@ -190,7 +192,12 @@ class InstalledPlant:
             raise DiffkitError("the planted model needs token ids (input_ids), not input embeddings")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers renamed it
         past = cache.get_seq_length() if cache is not None else 0
+        if past and not (self.owner is cache or self.owner is ADOPT):
+            raise DiffkitError("the planted model was asked to continue a cache it did not fill; run each batch from "
+                               "its first token with one cache (no beam search or cache reordering)")
         present, emitted = self.transcripts.update(ids.cpu(), past)
+        # the cache this batch's state belongs to; a forward that makes its own cache hands it back for the next step
+        self.owner = cache if cache is not None else (ADOPT if kwargs.get("use_cache") else None)
         self.state = {"pairs": present[..., self.pair_index].all(-1), "words": present[..., self.word_index],
                       "emitted": emitted}
 
