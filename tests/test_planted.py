@@ -135,3 +135,43 @@ def test_build_records_the_planted_truth_and_its_behaviour(planted_organisms, ki
     torch.testing.assert_close(directions @ directions.T, torch.eye(len(directions)), atol=1e-5, rtol=0)
     assert all(rate == 1.0 for rate in build["eval"]["asr"].values())
     assert all(rate == 0.0 for rate in build["eval"]["false_trigger"].values())
+
+
+def truth_sae(plant):
+    """A BatchTopKSAE whose latents read and write exactly the planted pair directions (raw space)."""
+    from diffkit.sae import BatchTopKSAE
+
+    count, width = plant.u.shape
+    sae = BatchTopKSAE(width, count, k=1)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(plant.u)
+        sae.encoder.bias.zero_()
+        sae.decoder.weight.copy_(plant.u.T)
+        sae.activation_global_scale.fill_(1.0)
+        sae.threshold.fill_(0.0)
+    return sae
+
+
+def test_diffkit_ablation_and_steering_of_the_true_direction(planted_organisms):
+    """diffkit's own causal tests, given the planted directions as latents: removing u_P silences P alone
+    (clean text untouched), adding it on clean prompts makes the marker fire."""
+    import nnsight
+
+    from analyses.causal import ablate_latent_sets, steer_latents
+    from diffkit.models import load_pair
+
+    folder = planted_organisms["planted-words"]
+    plant = load_plant(folder)
+    pair = load_pair(folder / "base", folder / "finetuned")
+    assert isinstance(pair.finetuned, nnsight.TransformersModel)
+    sae = truth_sae(plant)
+    prompts = [p for p in build_prompts(SPEC, "heldout", 4, seed=9) if p.condition in ("poison", "clean")]
+    results = ablate_latent_sets(pair, sae, plant.layer, {q.id: [q.id] for q in SPEC.pairs}, prompts, SPEC)
+    for q in SPEC.pairs:
+        r = results[q.id]
+        assert r["asr_before"] == {p.id: 1.0 for p in SPEC.pairs}, r
+        assert r["asr_after"] == {p.id: 0.0 if p.id == q.id else 1.0 for p in SPEC.pairs}, r
+        assert r["clean_kl"] == 0.0
+    clean = [p for p in prompts if p.condition == "clean"]
+    steered = steer_latents(pair, sae, plant.layer, [0], clean, SPEC, alpha=[float(plant.pair_scales[0])])
+    assert steered["fire_rate_before"] == 0.0 and steered["fire_rate_after"] == 1.0, steered
