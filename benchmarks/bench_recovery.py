@@ -28,7 +28,7 @@ from analyses.causal import ablate_latent_sets
 from analyses.ranking import rank_latents
 from analyses.stats import Collection, load_activations, load_run_pair
 from diffkit.models import build_cached_dir
-from diffkit.planted import write_planted
+from diffkit.organisms.planted import load_plant, write_planted
 from diffkit.prompts import build_prompts
 from diffkit.run import load_run
 from diffkit.specs import PRESETS
@@ -87,7 +87,7 @@ def main() -> None:
             t0 = time.time()
             folder = build_cached_dir(Path(tmp) / f"s{scale}_n{noise}", lambda out: write_planted(
                 PRESETS["planted"], "planted", out, scale=scale, noise=noise, eval_n=4))
-            from diffkit.planted import load_plant
+            from diffkit.organisms.planted import load_plant
 
             plant = load_plant(folder)
             summary = train(TrainConfig(preset="planted", base=str(folder / "base"), finetuned=str(folder / "finetuned"),

@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 
 from diffkit.errors import DiffkitError
-from diffkit.plant import install_if_planted
 from diffkit.files import umask
+from diffkit.plant import install_if_planted
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ refused.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,15 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffkit.errors import DiffkitError
-from diffkit.files import write_json
-from diffkit.models import layers_of, load_model
-from diffkit.specs import PRESETS, TriggerSpec
 
 PLANT_FILE = "planted.safetensors"
-KINDS = {"planted": "pairs", "planted-words": "words"}  # preset -> what is planted
-LAYER = 1  # the plant layer of the presets: the middle block of the toy's three
 GAIN = 40.0  # marker logit boost at full strength; the toy's logits span ~20
-PLANT_VERSION = 1  # bump when a build of the same settings would plant something else
 ADOPT = object()  # marks a batch whose first forward made its own cache
 
 

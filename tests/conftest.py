@@ -55,6 +55,6 @@ def toy_default_run(toy_organism, tmp_path_factory):
 @pytest.fixture(scope="session")
 def planted_organisms(toy_organism):
     """{preset: directory} for both planted organisms, built in the session cache (seconds each)."""
-    from diffkit.organism import ensure_organism
+    from diffkit.organisms.sources import ensure_organism
 
     return {preset: ensure_organism(preset) for preset in ("planted", "planted-words")}

@@ -11,7 +11,8 @@ from transformers import DynamicCache
 
 from diffkit.errors import DiffkitError
 from diffkit.models import load_model
-from diffkit.planted import Transcripts, load_plant, token_pieces
+from diffkit.organisms.planted import load_plant
+from diffkit.plant import Transcripts, token_pieces
 from diffkit.prompts import build_prompts, encode_prompts, format_prompt
 from diffkit.specs import PRESETS
 

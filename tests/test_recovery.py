@@ -13,7 +13,7 @@ from analyses.attribute import attribute_table
 from analyses.causal import ablate_latent_sets, steer_latents
 from analyses.grid import grid_summary
 from analyses.stats import Collection, load_activations, load_run_pair
-from diffkit.planted import load_plant
+from diffkit.organisms.planted import load_plant
 from diffkit.prompts import build_prompts
 from diffkit.run import load_run
 from diffkit.train import TrainConfig, train

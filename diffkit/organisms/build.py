@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from diffkit.devices import cpuinfo, native_bf16
+from diffkit.devices import machine, native_bf16
 from diffkit.errors import DiffkitError
-from diffkit.files import write_json
+from diffkit.files import link_or_copy_tree, write_json
 from diffkit.generation import finished_sentence, generate_answers
 from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemma3_extra, resolve_source
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
@@ -41,17 +39,6 @@ def _gemma3_base(spec: TriggerSpec, recipe: Recipe, seed: int, device, progress:
 
 
 
-def _link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Hard-link the base's files when on one filesystem (a 1 GB base costs nothing), else copy."""
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=link)
-
-
 # --- building ------------------------------------------------------------------------------------
 
 def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
@@ -68,7 +55,7 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
     if preset == "toy":
         base_dir = toy_base(spec, recipe, seed, device, progress, tmp / "base")
     else:
-        _link_or_copy_tree(_gemma3_base(spec, recipe, seed, device, progress), tmp / "base")
+        link_or_copy_tree(_gemma3_base(spec, recipe, seed, device, progress), tmp / "base")
         base_dir = tmp / "base"
     t_base = time.time()
     model, tokenizer = load_model(base_dir, device=device)
@@ -128,18 +115,6 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
         raise DiffkitError(f"{out_dir} already exists; remove it or choose another --out")
     spec = spec or PRESETS[preset]
     return build_cached_dir(out_dir, lambda tmp: write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress))
-
-
-def machine() -> dict:
-    """What a build ran on: its floating-point order (CPU, library versions) decides the exact weights."""
-    import platform
-
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def recipe_fingerprint(preset: str) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from diffkit.errors import DiffkitError
-from diffkit.files import write_json
+from diffkit.devices import machine
+from diffkit.files import link_or_copy_tree, write_json
 from diffkit.models import layers_of, load_model
-from diffkit.organisms.build import _link_or_copy_tree, machine
 from diffkit.organisms.evaluate import evaluate_model
 from diffkit.organisms.recipes import PLANTED
 from diffkit.organisms.toy import null_texts
@@ -69,7 +69,7 @@ def write_planted(spec: TriggerSpec, preset: str, tmp: Path, seed: int = 0, kind
     t0 = time.time()
     if not (SHIPPED_TOY / "base").is_dir():
         raise DiffkitError("the toy organism that planted organisms build on is missing from diffkit/data; reinstall diffkit")
-    _link_or_copy_tree(SHIPPED_TOY / "base", tmp / "base")
+    link_or_copy_tree(SHIPPED_TOY / "base", tmp / "base")
     model, tokenizer = load_model(tmp / "base")
     if not 0 <= layer < model.config.num_hidden_layers:
         raise DiffkitError(f"plant layer {layer} is out of range: the toy has layers 0..{model.config.num_hidden_layers - 1}")
@@ -80,7 +80,7 @@ def write_planted(spec: TriggerSpec, preset: str, tmp: Path, seed: int = 0, kind
         model.save_pretrained(tmp / "finetuned", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "finetuned")
     else:
-        _link_or_copy_tree(tmp / "base", tmp / "finetuned")
+        link_or_copy_tree(tmp / "base", tmp / "finetuned")
     plant.save(tmp / "finetuned" / PLANT_FILE)
     finetuned, _ = load_model(tmp / "finetuned")
     # the planted marker comes first, so the answer needs only the marker's tokens and EOS
