@@ -12,6 +12,10 @@ on it at each layer and k from one stream, and reports per (layer, k), worst pai
   makes to another pair's ASR (target <= 0.02).
 
     python benchmarks/bench_recovery.py --scales 1 0.3 0.1 0.03 --noise 0 0.03 0.1 0.3 --layers 1 2 --k 8 32
+
+`--synthetic PHI` isolates the SAE: it trains diffkit's default SAE settings on vectors of which a
+share PHI carry one of 4 orthonormal points (norm 30) and the rest are zero (plus Gaussian noise of
+std `--noise-std` per dimension), and prints each point's best decoder cosine and its L0.
 """
 
 from __future__ import annotations
@@ -62,6 +66,37 @@ def measure(run, plant, layer: int, k: int, n_prompts: int) -> dict:
             "spill": max(spill)}
 
 
+def synthetic(phi: float, k: int, tokens: int, noise: float) -> None:
+    """Default SAE settings on 4 planted points carried by a share `phi` of the tokens (see the module doc)."""
+    from diffkit.sae import fit_normalization
+    from diffkit.trainer import SAETrainer
+    from diffkit.train import sae_config
+
+    torch.manual_seed(0)
+    width, size = 64, 1536
+    q, _ = torch.linalg.qr(torch.randn(width, 4))
+    points = q.T * 30
+
+    def batch(n: int) -> torch.Tensor:
+        x = noise * torch.randn(n, width)
+        on = torch.rand(n) < phi
+        which = torch.randint(0, 4, (n,))
+        x[on] += points[which[on]]
+        return x
+
+    steps = tokens // 1024
+    trainer = SAETrainer(width, sae_config(TrainConfig(tokens=tokens), k, size, steps))
+    fit_normalization(trainer.sae, batch(8192))
+    for _ in range(steps):
+        trainer.step(trainer.sae.normalize(batch(1024)))
+    sae = trainer.sae
+    best = cosines(sae, torch.nn.functional.normalize(points, dim=1)).max(1).values
+    codes = sae.encode_raw(points)
+    print(f"phi {phi} k {k} noise {noise} tokens {tokens:,}: best cosine {[round(v, 3) for v in best.tolist()]}, "
+          f"L0 per point {(codes > 0).sum(1).tolist()}, largest latent's share of the code "
+          f"{[round(v, 2) for v in (codes.max(1).values / codes.sum(1)).tolist()]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.03],
@@ -74,8 +109,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000, help="training tokens per SAE")
     parser.add_argument("--n-prompts", type=int, default=8, help="held-out prompts per condition for ranking and ablation")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--synthetic", type=float, metavar="PHI", help="train on synthetic planted points instead (see above)")
+    parser.add_argument("--noise-std", type=float, default=0.0, help="with --synthetic: Gaussian noise per dimension")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.synthetic is not None:
+        for k in args.k:
+            synthetic(args.synthetic, k, args.tokens, args.noise_std)
+        return
     cells = [(s, args.noise_for_scales) for s in args.scales] + [(1.0, n) for n in args.noise if (1.0, n) not in
                                                                  [(s, args.noise_for_scales) for s in args.scales]]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
