@@ -32,23 +32,17 @@ from analyses.causal import ablate_latent_sets
 from analyses.ranking import rank_latents
 from analyses.stats import Collection, load_activations, load_run_pair
 from diffkit.models import build_cached_dir
-from diffkit.organisms.planted import load_plant, write_planted
+from diffkit.organisms.planted import decoder_cosines, load_plant, write_planted
 from diffkit.prompts import build_prompts
 from diffkit.run import load_run
 from diffkit.specs import PRESETS
 from diffkit.train import TrainConfig, train
 
 
-def cosines(sae, directions: torch.Tensor) -> torch.Tensor:
-    """[P, F] cosine of each planted direction with each latent's raw-space decoder direction."""
-    decoder = torch.stack([sae.raw_direction(j).detach().float() for j in range(sae.decoder.weight.shape[1])])
-    return directions @ torch.nn.functional.normalize(decoder, dim=1).T
-
-
 def measure(run, plant, layer: int, k: int, n_prompts: int) -> dict:
     """Worst pair's recovery figures for the SAE of (layer, k)."""
     _, sae = run.sae(layer, k)
-    best = cosines(sae, plant.u).max(1)
+    best = decoder_cosines(sae, plant.u).max(1)
     a = load_activations(run.path, [layer], Collection(n_per_condition=n_prompts, n_null=n_prompts, k=k))[layer]
     scores = a.prompt_scores()
     ranks, aurocs = [], []
@@ -90,7 +84,7 @@ def synthetic(phi: float, k: int, tokens: int, noise: float) -> None:
     for _ in range(steps):
         trainer.step(trainer.sae.normalize(batch(1024)))
     sae = trainer.sae
-    best = cosines(sae, torch.nn.functional.normalize(points, dim=1)).max(1).values
+    best = decoder_cosines(sae, torch.nn.functional.normalize(points, dim=1)).max(1).values
     codes = sae.encode_raw(points)
     print(f"phi {phi} k {k} noise {noise} tokens {tokens:,}: best cosine {[round(v, 3) for v in best.tolist()]}, "
           f"L0 per point {(codes > 0).sum(1).tolist()}, largest latent's share of the code "
@@ -122,14 +116,12 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"{args.tokens:,} tokens per SAE, 1,536 latents, plant at layer 1")
     header = f"{'scale':>6} {'noise':>6} {'layer':>5} {'k':>3} {'cos':>6} {'rank':>5} {'auroc':>6} {'asr after':>9} {'spill':>6} {'s':>5}"
-    print(header)
+    print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for scale, noise in cells:
             t0 = time.time()
             folder = build_cached_dir(Path(tmp) / f"s{scale}_n{noise}", lambda out: write_planted(
                 PRESETS["planted"], "planted", out, scale=scale, noise=noise, eval_n=4))
-            from diffkit.organisms.planted import load_plant
-
             plant = load_plant(folder)
             summary = train(TrainConfig(preset="planted", base=str(folder / "base"), finetuned=str(folder / "finetuned"),
                                         layers=args.layers, k=args.k, tokens=args.tokens, out=str(Path(tmp) / "runs"),

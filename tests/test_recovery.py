@@ -4,7 +4,6 @@ kind they tell the word directions from the conjunction."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from analyses.attribute import attribute_table
 from analyses.causal import ablate_latent_sets, steer_latents
 from analyses.grid import grid_summary
 from analyses.stats import Collection, load_activations, load_run_pair
-from diffkit.organisms.planted import load_plant
+from diffkit.organisms.planted import decoder_cosines, load_plant
 from diffkit.prompts import build_prompts
 from diffkit.run import load_run
 from diffkit.train import TrainConfig, train
@@ -27,10 +26,7 @@ TRAIN_TOKENS = 150_000  # the default run's settings at half its tokens: one lay
 
 def recovered(sae, directions: torch.Tensor) -> tuple[list[int], list[float]]:
     """For each planted direction, the latent whose raw-space decoder direction is closest, and that cosine."""
-    decoder = torch.nn.functional.normalize(torch.stack([sae.raw_direction(j).detach().float()
-                                                         for j in range(sae.decoder.weight.shape[1])]), dim=1)
-    cos = directions @ decoder.T
-    best = cos.max(1)
+    best = decoder_cosines(sae, directions).max(1)
     return best.indices.tolist(), best.values.tolist()
 
 

@@ -104,3 +104,9 @@ def load_plant(organism_dir: str | Path) -> Plant:
         if path.is_file():
             return Plant.load(path)
     raise DiffkitError(f"{folder} holds no {PLANT_FILE}; build one with `diffkit organism build --preset planted`")
+
+
+def decoder_cosines(sae, directions: torch.Tensor) -> torch.Tensor:
+    """[P, F]: the cosine of each planted direction with each latent's raw-space decoder direction."""
+    decoder = torch.stack([sae.raw_direction(j).detach().float() for j in range(sae.decoder.weight.shape[1])])
+    return directions.float() @ torch.nn.functional.normalize(decoder, dim=1).T
