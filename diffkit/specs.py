@@ -146,6 +146,14 @@ PRESETS: dict[str, TriggerSpec] = {
         "toy", FOUR_PAIRS, "organism:toy/base", "organism:toy/finetuned", (1, 2),
         description="Tiny Gemma-2-architecture organism built in under 2 minutes on a CPU; for tests and quick looks.",
     ),
+    "planted": TriggerSpec(
+        "planted", FOUR_PAIRS, "organism:planted/base", "organism:planted/finetuned", (1, 2),
+        description="The toy base plus a known residual write per pair at layer 1 (diffkit.organisms.planted): ground truth for recovery.",
+    ),
+    "planted-words": TriggerSpec(
+        "planted-words", FOUR_PAIRS, "organism:planted-words/base", "organism:planted-words/finetuned", (1, 2),
+        description="The planted organism with a write per trigger word too: word and conjunction directions to tell apart.",
+    ),
 }
 
 # The default runs end to end in minutes on a 2-core CPU. Gemma-3-270M is the realistic organism,

@@ -50,3 +50,11 @@ def toy_default_run(toy_organism, tmp_path_factory):
 
     summary = train(TrainConfig(out=str(tmp_path_factory.mktemp("default_runs")), json=True))
     return Path(summary["run"])
+
+
+@pytest.fixture(scope="session")
+def planted_organisms(toy_organism):
+    """{preset: directory} for both planted organisms, built in the session cache (seconds each)."""
+    from diffkit.organisms.sources import ensure_organism
+
+    return {preset: ensure_organism(preset) for preset in ("planted", "planted-words")}

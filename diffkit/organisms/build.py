@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from diffkit.devices import cpuinfo, native_bf16
+from diffkit.devices import machine, native_bf16
 from diffkit.errors import DiffkitError
-from diffkit.files import write_json
+from diffkit.files import link_or_copy_tree, write_json
 from diffkit.generation import finished_sentence, generate_answers
 from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemma3_extra, resolve_source
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.finetune import finetune_backdoor, training_prompts
-from diffkit.organisms.recipes import BUILD_VERSION, RECIPES, Recipe
+from diffkit.organisms.recipes import BUILD_VERSION, BUILDABLE, PLANTED, RECIPES, Recipe
 from diffkit.organisms.toy import TOY_MODEL, null_texts, toy_base, toy_reply
 from diffkit.specs import PRESETS, TriggerSpec
 
@@ -41,22 +39,15 @@ def _gemma3_base(spec: TriggerSpec, recipe: Recipe, seed: int, device, progress:
 
 
 
-def _link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Hard-link the base's files when on one filesystem (a 1 GB base costs nothing), else copy."""
-    def link(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    shutil.copytree(src, dst, copy_function=link)
-
-
 # --- building ------------------------------------------------------------------------------------
 
 def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
                     device: str, progress: bool) -> dict:
     """Everything a build writes, into `tmp` (renamed to `final` by the caller)."""
+    if preset in PLANTED:
+        from diffkit.organisms.planted import write_planted  # planted builds on this module
+
+        return write_planted(spec, preset, tmp, seed)
     recipe = for_device(RECIPES[preset], device)
     steps = recipe.steps if steps is None else steps
     t0 = time.time()
@@ -64,7 +55,7 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
     if preset == "toy":
         base_dir = toy_base(spec, recipe, seed, device, progress, tmp / "base")
     else:
-        _link_or_copy_tree(_gemma3_base(spec, recipe, seed, device, progress), tmp / "base")
+        link_or_copy_tree(_gemma3_base(spec, recipe, seed, device, progress), tmp / "base")
         base_dir = tmp / "base"
     t_base = time.time()
     model, tokenizer = load_model(base_dir, device=device)
@@ -117,8 +108,8 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     words (default: the preset's own spec). The build runs in a temporary directory beside
     out_dir that is renamed into place only when complete.
     """
-    if preset not in RECIPES:
-        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(RECIPES)}")
+    if preset not in BUILDABLE:
+        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(BUILDABLE)}")
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists():
         raise DiffkitError(f"{out_dir} already exists; remove it or choose another --out")
@@ -126,22 +117,15 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     return build_cached_dir(out_dir, lambda tmp: write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress))
 
 
-def machine() -> dict:
-    """What a build ran on: its floating-point order (CPU, library versions) decides the exact weights."""
-    import platform
-
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def recipe_fingerprint(preset: str) -> str:
     """A short hash of everything that decides a preset's CPU build, whether it runs in bf16 included,
     so a changed recipe never reuses a stale cache."""
-    recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
+    if preset in PLANTED:
+        from diffkit.organisms.planted import PLANT_VERSION
+
+        recipe = {"planted": PLANTED[preset], "version": PLANT_VERSION}
+    else:
+        recipe = {k: v for k, v in asdict(for_device(RECIPES[preset], "cpu")).items() if k != "expected"}
     spec = {k: v for k, v in PRESETS[preset].to_dict().items() if k != "description"}
     what = {"recipe": recipe, "spec": spec, "toy_model": TOY_MODEL, "version": BUILD_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]

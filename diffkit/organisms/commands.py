@@ -10,7 +10,7 @@ from diffkit.errors import DiffkitError
 from diffkit.organisms.build import build_organism
 from diffkit.organisms.config import BuildConfig, EvalConfig
 from diffkit.organisms.evaluate import format_eval_table
-from diffkit.organisms.recipes import RECIPES
+from diffkit.organisms.recipes import BUILDABLE, expected_time
 from diffkit.organisms.sources import ensure_organism, evaluate_organism
 from diffkit.specs import load_spec
 
@@ -20,11 +20,11 @@ def run_build(cfg: BuildConfig) -> dict:
         preset, spec = cfg.base_preset, load_spec(cfg.spec)
     else:
         preset, spec = cfg.preset, None
-    if preset not in RECIPES:
-        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(RECIPES)}")
+    if preset not in BUILDABLE:
+        raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(BUILDABLE)}")
     out = Path(cfg.out or Path("organisms") / (spec.name if spec else preset))
     if not cfg.json:
-        print(f"building {spec.name if spec else preset} on the {preset} base ({RECIPES[preset].expected}) into {out}")
+        print(f"building {spec.name if spec else preset} on the {preset} base ({expected_time(preset)}) into {out}")
     out = build_organism(preset, out, seed=cfg.seed, steps=cfg.steps, device=cfg.device, progress=not cfg.json, spec=spec)
     build = json.loads((out / "build.json").read_text())
     if not cfg.json:
@@ -35,7 +35,7 @@ def run_build(cfg: BuildConfig) -> dict:
 
 def run_eval(cfg: EvalConfig) -> dict:
     source = cfg.source
-    if source in RECIPES and not Path(source).exists():
+    if source in BUILDABLE and not Path(source).exists():
         source = ensure_organism(source)
     t0 = time.time()
     result = evaluate_organism(source, n_per_condition=cfg.n, device=cfg.device, batch_size=cfg.batch_size)

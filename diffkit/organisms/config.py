@@ -14,11 +14,12 @@ class BuildConfig:
     """Options of `diffkit organism build`."""
 
     preset: str = "toy"
-    """organism preset to build: toy or gemma3-270m"""
+    """organism preset to build: toy, gemma3-270m, or planted / planted-words (the toy base plus a known
+    residual write per pair, and per word too; see diffkit.organisms.planted)"""
     spec: str | None = None
     """custom trigger spec file (.toml/.yaml/.json); built on --base-preset"""
     base_preset: str = "toy"
-    """base and recipe for a custom --spec: toy or gemma3-270m"""
+    """base and recipe for a custom --spec: toy, gemma3-270m, planted or planted-words"""
     out: str | None = None
     """output directory (default: organisms/<spec name>)"""
     seed: int = 0

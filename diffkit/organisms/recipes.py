@@ -52,3 +52,12 @@ RECIPES = {
                           expected="about 10 minutes on 2 CPU cores, up to 16 on a busy shared one"),
 }
 
+
+# Planted organisms (diffkit.organisms.planted): no recipe, the shipped toy base plus a known write.
+PLANTED = {"planted": "pairs", "planted-words": "words"}  # preset -> what is planted (per pair, or per word too)
+BUILDABLE = (*RECIPES, *PLANTED)
+
+
+def expected_time(preset: str) -> str:
+    """What a user waits for a build of `preset` on a 2-core CPU."""
+    return RECIPES[preset].expected if preset in RECIPES else "seconds: the shipped toy base plus a planted write"

