@@ -148,7 +148,8 @@ def run_report(cfg: ReportConfig) -> dict:
         "figures": page.n_figures,
         "latent_stats": [str(p) for p in stats_files],
         "top_latents": {name: t.groupby("layer")["latent"].first().to_dict() for name, t in tables.items()},
-        "selective_ablation": {L: {p: {"latents": r["latents"], "asr_after": r.get("asr_after")} for p, r in res.items()}
+        "selective_ablation": {L: {p: {"latents": r["latents"], "asr_before": r.get("asr_before"),
+                                       "asr_after": r.get("asr_after")} for p, r in res.items()}
                                for L, res in selective.items()},
     }
     if not cfg.json:
