@@ -17,10 +17,13 @@ import json
 import time
 from pathlib import Path
 
+from analyses.configs import ReportConfig
 from analyses.grid import grid_summary
-from analyses.report import ReportConfig, run_report
+from analyses.report import run_report
 from analyses.stats import Collection, load_activations
-from diffkit.organism import ensure_organism, evaluate_organism, format_eval_table, machine
+from diffkit.organisms.build import machine
+from diffkit.organisms.evaluate import format_eval_table
+from diffkit.organisms.sources import ensure_organism, evaluate_organism
 from diffkit.run import load_run
 from diffkit.train import TrainConfig, train
 
