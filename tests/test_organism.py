@@ -317,6 +317,7 @@ def _weak_toy_recipe(monkeypatch):
                                                            check_n=8))
 
 
+@pytest.mark.slow
 def test_weak_build_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     from diffkit.cli import main
 
@@ -332,6 +333,7 @@ def test_weak_build_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, 
     assert json.loads((out / "build.json").read_text())["validation"]["checks"][-1]["step"] == 4
 
 
+@pytest.mark.slow
 def test_weak_build_is_never_cached(tmp_path, monkeypatch):
     _weak_toy_recipe(monkeypatch)
     monkeypatch.setenv("DIFFKIT_CACHE", str(tmp_path))
