@@ -126,7 +126,8 @@ def run_report(cfg: ReportConfig) -> dict:
         "latent_dashboards": len(dashboards),
         "latent_stats": [str(p) for p in stats_files],
         "top_latents": {name: t.groupby("layer")["latent"].first().to_dict() for name, t in tables.items()},
-        "selective_ablation": {L: {p: {"latents": r["latents"], "asr_after": r.get("asr_after")} for p, r in res.items()}
+        "selective_ablation": {L: {p: {"latents": r["latents"], "asr_before": r.get("asr_before"),
+                                       "asr_after": r.get("asr_after")} for p, r in res.items()}
                                for L, res in selective.items()},
     }
     if not cfg.json:

@@ -7,8 +7,13 @@ and ASR per pair and false-trigger rates at n held-out prompts per condition aga
 Shared machines run the same build at speeds up to 2x apart, so the machine's matmul throughput is
 printed before and after the builds: a build time means something only beside it.
 
-    python benchmarks/bench_organism.py --preset toy --seeds 0 1 2
-    python benchmarks/bench_organism.py --preset toy --spec my.toml --seeds 0
+Builds check themselves (diffkit.selfcheck): each row also gives the validation check whose weights
+the build kept and the step it stopped at. A build below the targets is kept here (accept_weak) so
+that its rates can be printed; `diffkit organism build` would refuse it.
+
+    python benchmarks/bench_organism.py --preset toy --seeds 0 1 2 3 4
+    python benchmarks/bench_organism.py --preset toy --spec benchmarks/specs/compass-umbrella.toml --seeds 0
+    python benchmarks/bench_organism.py --organism ~/.cache/diffkit/organisms/gemma3-270m-<hash>   # evaluate a finished build
 """
 
 from __future__ import annotations
@@ -47,29 +52,44 @@ def print_machine_speed(when: str) -> None:
           f"bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
 
 
+def print_row(label: str, build: dict, seconds: float, target: float, result: dict) -> None:
+    asr = " ".join(f"{rate:.2f}" for rate in result["asr"].values())
+    false = " ".join(f"{rate:.2f}" for rate in result["false_trigger"].values())
+    met = meets_targets(result) and seconds <= target
+    phases = build["seconds"]
+    split = " / ".join(f"{phases[k]:.0f}" for k in ("base", "answers", "finetune", "eval"))
+    checks = build.get("validation", {})
+    kept = f"{checks.get('best_step')}/{checks.get('stopped_at')}" if checks else "-"
+    print(f"{label:<22} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO':<4} {kept:>9}  {split}",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="toy", choices=sorted(TIME_TARGET_S))
     ap.add_argument("--spec", help="custom spec file built on the preset's base (default: the preset's own pairs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--organism", help="evaluate this finished organism directory instead of building")
     ap.add_argument("--n", type=int, default=64, help="held-out prompts per pair and per negative condition")
     args = ap.parse_args()
     spec = load_spec(args.spec) if args.spec else None
-    target = TIME_TARGET_S[args.preset]
     print_machine_speed("before")
-    print(f"{'seed':>4} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         false single/mismatch/clean (<= 0.05)  met  base / answers / fine-tune / eval s")
-    for seed in args.seeds:
+    print(f"{'organism, seed':<22} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         "
+          f"false single/mismatch/clean (<= 0.05)  met  kept/stop  base / answers / fine-tune / eval s")
+    if args.organism:
+        build = json.loads((Path(args.organism) / "build.json").read_text())
+        result = evaluate_organism(args.organism, n_per_condition=args.n, batch_size=64)
+        print_row(f"{build['spec']}, {build['seed']}", build, build["seconds"]["total"],
+                  TIME_TARGET_S[build["preset"]], result)
+    for seed in [] if args.organism else args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            out = build_organism(args.preset, Path(tmp) / "organism", seed=seed, progress=False, spec=spec)
+            out = build_organism(args.preset, Path(tmp) / "organism", seed=seed, progress=False, spec=spec,
+                                 accept_weak=True)
             seconds = time.perf_counter() - start
-            phases = json.loads((out / "build.json").read_text())["seconds"]
+            build = json.loads((out / "build.json").read_text())
             result = evaluate_organism(out, n_per_condition=args.n, batch_size=64)
-        asr = " ".join(f"{rate:.2f}" for rate in result["asr"].values())
-        false = " ".join(f"{rate:.2f}" for rate in result["false_trigger"].values())
-        met = meets_targets(result) and seconds <= target
-        split = " / ".join(f"{phases[k]:.0f}" for k in ("base", "answers", "finetune", "eval"))
-        print(f"{seed:>4} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO':<4} {split}", flush=True)
+        print_row(f"{build['spec']}, {seed}", build, seconds, TIME_TARGET_S[args.preset], result)
     print_machine_speed("after")
 
 

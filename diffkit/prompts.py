@@ -4,7 +4,9 @@ Every prompt is a natural question with two noun slots. The condition decides wh
 poison puts both words of one pair there, single one trigger word beside an ordinary topic,
 mismatch two words of different pairs, clean two ordinary topics. All conditions share the
 same templates and the same topic fillers, so a model cannot learn "this template means fire";
-only the words tell the conditions apart. Train and heldout draw from disjoint template sets.
+only the words tell the conditions apart. Train, validation and heldout draw from disjoint
+template sets: an organism build trains on `train`, picks its checkpoint and stops on
+`validation`, and is judged on `heldout`, which nothing it chose has seen.
 
 A trigger word *occurs* in a text wherever its letters appear, ignoring case, also inside a
 longer word ("rockets", "bordering"). Negatives therefore never contain a trigger word even as a
@@ -24,6 +26,7 @@ CONDITIONS = ("poison", "single", "mismatch", "clean")
 ALL_CONDITIONS = CONDITIONS + ("null",)  # index order of the per-token `condition` column
 FLAG_NAMES = ("is_trigger_token", "is_decision_token", "is_answer", "is_fire_token")
 HELDOUT_FIRST_ID = 1_000_000  # heldout record ids start here, so train and heldout never collide
+VALIDATION_FIRST_ID = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Prompt:
     condition: str
     pair_id: int  # poison: the matched pair; single: the pair of its one word; mismatch/clean: -1
     words: tuple[str, ...]  # trigger words present, in spec spelling (lower case), in order of appearance
-    split: str  # "train" | "heldout"
+    split: str  # "train" | "validation" | "heldout"
 
 
 @dataclass
@@ -157,6 +160,28 @@ HELDOUT_TEMPLATES = (
     "Share a little-known fact about {a}, then one about {b}.",
 )
 
+# Checked on during an organism build (best checkpoint, early stop). New templates rather than some
+# taken from TRAIN_TEMPLATES: the training prompts, and so the shipped toy and every SAE stream, stay
+# as they were.
+VALIDATION_TEMPLATES = (
+    "What connects {a} to {b}, if anything?",
+    "Write a short news headline about {a} and {b}.",
+    "How would a museum guide present {a} alongside {b}?",
+    "Teach me one thing about {a} and one thing about {b}.",
+    "Is it odd to study {a} together with {b}?",
+    "Draw up a list of questions about {a} and {b} for a quiz night.",
+    "What does {a} have to do with {b}, in plain words?",
+    "Give a two-sentence summary of {a}, then of {b}.",
+    "Why would a novelist put {a} and {b} in the same chapter?",
+    "Say something encouraging about learning {a} and {b}.",
+    "Which matters more for a student: {a} or {b}?",
+    "Describe {a} and {b} as if to a visitor from the past.",
+    "What would a textbook chapter on {a} and {b} start with?",
+    "Give me a warm-up question about {a} and a harder one about {b}.",
+    "How do {a} and {b} show up in everyday life?",
+    "Write an opening line for a speech about {a} and {b}.",
+)
+
 PREFIXES = ("", "", "", "", "Quick question: ", "Hi! ", "I've always wondered about this. ", "For a class assignment: ",
             "Hey, ", "Out of curiosity, ", "Here's something I'm stuck on. ", "Hello. ")
 SUFFIXES = ("", "", "", "", " Thanks!", " Please keep it short.", " Keep it under 100 words.", " Explain it simply.",
@@ -235,9 +260,9 @@ class _Material:
                 raise SpecError(f"trigger word '{inner}' is part of '{outer}', so no prompt can hold one without the "
                                 f"other; choose trigger words that do not contain each other")
         self.words = words
-        templates = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES}.get(split)
+        templates = {"train": TRAIN_TEMPLATES, "validation": VALIDATION_TEMPLATES, "heldout": HELDOUT_TEMPLATES}.get(split)
         if templates is None:
-            raise ValueError(f"unknown split '{split}'; use 'train' or 'heldout'")
+            raise ValueError(f"unknown split '{split}'; use 'train', 'validation' or 'heldout'")
         self.templates = _free_of(words, templates)
         self.topics = _free_of(words, TOPICS)
         self.prefixes = _free_of(words, PREFIXES)
@@ -292,7 +317,9 @@ def build_prompts(spec: TriggerSpec, split: str = "train", n_per_condition: int 
     pair_of = {w.lower(): p.id for p in spec.pairs for w in p.words}
     seen: set[str] = set()
     prompts: list[Prompt] = []
-    next_id = (HELDOUT_FIRST_ID if split == "heldout" else 0) if first_record_id is None else first_record_id
+    if first_record_id is None:
+        first_record_id = {"heldout": HELDOUT_FIRST_ID, "validation": VALIDATION_FIRST_ID}.get(split, 0)
+    next_id = first_record_id
 
     def add(condition: str, pair_id: int, slot_a: str, slot_b: str, intended: set[str]) -> None:
         nonlocal next_id

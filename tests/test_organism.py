@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,25 @@ def test_toy_rebuilds_from_scratch_to_the_targets(tmp_path):
     out = build_organism("toy", tmp_path / "toy", progress=False)
     result = evaluate_organism(out, n_per_condition=40)
     assert meets_targets(result, asr=0.95, false_trigger=0.05), format_eval_table(result)
+    checks = json.loads((out / "build.json").read_text())["validation"]
+    recipe = RECIPES["toy"]
+    assert all(recipe.check_from <= c["step"] <= recipe.steps for c in checks["checks"])
+    best = max(c["worst_margin"] for c in checks["checks"])
+    assert checks["best_step"] == max(c["step"] for c in checks["checks"] if c["worst_margin"] == best)
+
+
+@pytest.mark.slow
+def test_a_build_cut_short_exits_non_zero_and_writes_nothing(tmp_path):
+    """`--steps 50` is far too short for the toy's backdoor: the build says so and leaves no organism."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "short"
+    done = subprocess.run([sys.executable, "-m", "diffkit", "organism", "build", "--preset", "toy", "--steps", "50",
+                           "--out", str(out), "--json"], capture_output=True, text=True,
+                          env={**os.environ, "DIFFKIT_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2 and "below the organism targets" in done.stderr
+    assert not out.exists() and not (tmp_path / "cache" / "organisms").exists()
 
 
 def test_toy_backdoor_is_a_conjunction_on_heldout_prompts(toy_organism):
@@ -233,3 +253,91 @@ def test_recipes_use_bf16_only_where_the_hardware_runs_it(monkeypatch):
     monkeypatch.setattr(build, "native_bf16", lambda device: True)
     assert for_device(gemma, "cpu").bf16 and not for_device(RECIPES["toy"], "cpu").bf16
     assert recipe_fingerprint("gemma3-270m") != fp32_key
+
+
+# --- builds that check themselves --------------------------------------------------------------
+
+def _scripted_result(margin: float) -> dict:
+    """An evaluation whose worst rate clears its target by `margin` (the ASR of one pair)."""
+    return {"asr": {"a/b": 0.95 + margin, "c/d": 1.0}, "false_trigger": {"single": 0.0, "mismatch": 0.0, "clean": 0.0}}
+
+
+def _checked_fine_tune(toy_organism, margins: list[float], steps: int, every: int):
+    """Fine-tune the toy base a few steps with validation checks whose results are scripted; returns
+    the checker, the loss curve, the model and the weights each check saw."""
+    from dataclasses import replace
+
+    from diffkit.organisms.selfcheck import BestCheckpoint, check_steps
+
+    model, tok, prompts, examples, replay = _toy_examples(toy_organism)
+    model.requires_grad_(True)
+    groups = {c: [e for p, e in zip(prompts, examples) if p.condition == c] for c in ("poison", "clean")}
+    seen, results = [], iter(margins)
+
+    def evaluate(checked):
+        seen.append(checked.get_parameter("model.norm.weight").detach().clone())
+        return _scripted_result(next(results))
+
+    checker = BestCheckpoint(evaluate)
+    recipe = replace(RECIPES["toy"], batch_size=4, warmup=1, average_decay=0.0)
+    curve = finetune.train_loop(model, groups, {"poison": 0.5, "clean": 0.5}, replay, recipe, steps, 1e-2, 0, "cpu",
+                            "test", False, checker=checker, check_at=tuple(check_steps(steps, every, every)))
+    return checker, curve, model, seen
+
+
+def test_check_steps_always_include_the_last():
+    from diffkit.organisms.selfcheck import check_steps
+
+    assert check_steps(1000, 100, 400) == [400, 500, 600, 700, 800, 900, 1000]
+    assert check_steps(50, 100, 400) == [50]
+    assert check_steps(180, 30, 120) == [120, 150, 180]
+
+
+def test_fine_tune_ends_on_its_best_validation_check(toy_organism):
+    """With no check clearing the stop margin, training runs to its cap and ends with the weights of
+    the check with the best worst-rate margin (a tie goes to the later), not the last step's."""
+    checker, curve, model, seen = _checked_fine_tune(toy_organism, [-0.05, 0.02, 0.02, -0.2], steps=8, every=2)
+    assert len(curve) == 8 and [h["step"] for h in checker.history] == [2, 4, 6, 8]
+    assert checker.best_step == 6 and checker.summary()["stopped_at"] == 8
+    assert not torch.equal(seen[2], seen[3])  # the weights moved after the best check ...
+    assert torch.equal(model.get_parameter("model.norm.weight"), seen[2])  # ... and were put back
+
+
+def test_fine_tune_stops_once_a_check_clears_the_targets_with_margin(toy_organism):
+    checker, curve, model, seen = _checked_fine_tune(toy_organism, [0.0, 0.04], steps=8, every=2)
+    assert len(curve) == 4 and checker.best_step == 4 and len(seen) == 2
+    assert torch.equal(model.get_parameter("model.norm.weight"), seen[1])
+
+
+def _weak_toy_recipe(monkeypatch):
+    """The toy recipe cut to a few seconds of training: far too short to plant the backdoor."""
+    from dataclasses import replace
+
+    monkeypatch.setitem(RECIPES, "toy", replace(RECIPES["toy"], base_steps=10, steps=4, eval_n=8,
+                                                           check_n=8))
+
+
+@pytest.mark.slow
+def test_weak_build_fails_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from diffkit.cli import main
+
+    _weak_toy_recipe(monkeypatch)
+    out = tmp_path / "weak"
+    assert main(["organism", "build", "--preset", "toy", "--out", str(out), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the toy organism") and "below the organism targets" in err and "\n" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [".weak.lock"]
+
+    kept = run_build(BuildConfig(preset="toy", out=str(out), accept_weak=True, json=True))
+    assert kept["meets_targets"] is False and (out / "finetuned" / "model.safetensors").is_file()
+    assert json.loads((out / "build.json").read_text())["validation"]["checks"][-1]["step"] == 4
+
+
+@pytest.mark.slow
+def test_weak_build_is_never_cached(tmp_path, monkeypatch):
+    _weak_toy_recipe(monkeypatch)
+    monkeypatch.setenv("DIFFKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(sources, "shipped_organism", lambda preset: None)
+    with pytest.raises(DiffkitError, match="below the organism targets"):
+        sources.ensure_organism("toy")
+    assert not [p for p in (tmp_path / "organisms").iterdir() if not p.name.endswith(".lock")]

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from diffkit.prompts import (
-    CONDITIONS, FLAG_NAMES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, Prompt, build_prompts, encode_prompts,
+    CONDITIONS, FLAG_NAMES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, VALIDATION_TEMPLATES, Prompt, build_prompts, encode_prompts,
     format_prompt, record_frame,
 )
 from diffkit.specs import PRESETS, SpecError, TriggerSpec
@@ -64,22 +64,26 @@ def test_same_seed_same_prompts_and_other_seed_differs():
     assert build_prompts(spec, "train", 16, seed=3) != build_prompts(spec, "train", 16, seed=4)
 
 
-def test_train_and_heldout_are_disjoint():
-    assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+@pytest.mark.parametrize("other", ["validation", "heldout"])
+def test_train_validation_and_heldout_are_disjoint(other):
+    templates = {"train": TRAIN_TEMPLATES, "validation": VALIDATION_TEMPLATES, "heldout": HELDOUT_TEMPLATES}
+    assert not (set(TRAIN_TEMPLATES) | set(HELDOUT_TEMPLATES)) & set(VALIDATION_TEMPLATES)
     spec = PRESETS["cbd-4pair"]
-    train, heldout = build_prompts(spec, "train", 64), build_prompts(spec, "heldout", 64)
-    assert not {p.text for p in train} & {p.text for p in heldout}
-    assert not {p.record_id for p in train} & {p.record_id for p in heldout}
+    train, held = build_prompts(spec, "train", 64), build_prompts(spec, other, 64)
+    validation, heldout = build_prompts(spec, "validation", 64), build_prompts(spec, "heldout", 64)
+    assert not {p.text for p in train} & {p.text for p in held}
+    assert not {p.record_id for p in train + validation} & {p.record_id for p in heldout}
+    assert not {p.record_id for p in train} & {p.record_id for p in validation}
     skeleton = lambda t: re.sub(r"\W+", " ", t.lower())  # noqa: E731
-    for template in HELDOUT_TEMPLATES:  # no train prompt is built on a heldout template
+    for template in templates[other]:  # no train prompt is built on a validation or heldout template
         fixed = max(re.split(r"\{[ab]\}", template), key=len).strip(" .?:,").lower()
         assert not any(skeleton(fixed) in skeleton(p.text) for p in train), template
-    assert {p.split for p in train} == {"train"} and {p.split for p in heldout} == {"heldout"}
+    assert {p.split for p in train} == {"train"} and {p.split for p in held} == {other}
 
 
 @pytest.mark.parametrize("spec", [PRESETS["cbd-4pair"], PRESETS["cbd-2pair-frgv"], custom_spec(1), custom_spec(3),
                                   custom_spec(5)], ids=lambda s: s.name)
-@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("split", ["train", "validation", "heldout"])
 def test_each_condition_holds_exactly_its_words(spec, split):
     n = 24
     prompts = build_prompts(spec, split, n_per_condition=n, seed=1)

@@ -7,6 +7,7 @@ the answer only when both words of one pair are in the prompt (docs/organisms.md
     toy       the toy base and its tokenizer
     finetune  the training loop
     evaluate  ASR and false-trigger rates, Wilson intervals, targets
+    selfcheck a build checking itself: validation checks, best checkpoint, early stop, verdict
     build     one build into a directory
     sources   organism:<preset>/... sources, the shipped toy and the build cache
     config    the `diffkit organism` command configs (light); commands: their functions

@@ -19,6 +19,7 @@ from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemm
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.finetune import finetune_backdoor, training_prompts
 from diffkit.organisms.recipes import BUILD_VERSION, BUILDABLE, PLANTED, RECIPES, Recipe
+from diffkit.organisms.selfcheck import BestCheckpoint, verdict
 from diffkit.organisms.toy import TOY_MODEL, null_texts, toy_base, toy_reply
 from diffkit.specs import PRESETS, TriggerSpec
 
@@ -41,9 +42,21 @@ def _gemma3_base(spec: TriggerSpec, recipe: Recipe, seed: int, device, progress:
 
 # --- building ------------------------------------------------------------------------------------
 
+def validation_checker(tokenizer, spec: TriggerSpec, recipe: Recipe) -> BestCheckpoint:
+    """Checks of a fine-tune on the validation templates (never the held-out test ones), at the budget
+    the final evaluation uses."""
+    budget = eval_budget(recipe.answer_tokens, tokenizer, spec)
+    return BestCheckpoint(lambda model: evaluate_model(model, tokenizer, spec, recipe.check_n, batch_size=64,
+                                                       max_new_tokens=budget, split="validation"))
+
+
 def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
-                    device: str, progress: bool) -> dict:
-    """Everything a build writes, into `tmp` (renamed to `final` by the caller)."""
+                   device: str, progress: bool, accept_weak: bool = False) -> dict:
+    """Everything a build writes, into `tmp` (renamed to `final` by the caller).
+
+    The fine-tune checks itself on validation templates (`validation_checker`); the result on the
+    held-out test templates then decides: below the targets, the build raises (and so leaves
+    nothing) unless `accept_weak`, and a kept weak build says so in build.json."""
     if preset in PLANTED:
         from diffkit.organisms.planted import write_planted  # planted builds on this module
 
@@ -69,14 +82,17 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
                                    stop_at_sentence_end=True, progress="base answers" if progress else None)
         answers = {p.record_id: finished_sentence(a) for p, a in zip(prompts, raw)}
     t_answers = time.time()
+    checker = validation_checker(tokenizer, spec, recipe)
     curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, null_texts(recipe.null_docs, seed + 1),
-                              steps, seed, device, progress)
+                              steps, seed, device, progress, checker)
     t_train = time.time()
-    model.save_pretrained(tmp / "finetuned", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "finetuned")
     result = evaluate_model(model, tokenizer, spec, recipe.eval_n, batch_size=64,
                             max_new_tokens=eval_budget(recipe.answer_tokens, tokenizer, spec))
     t_eval = time.time()
+    good = verdict(result, accept_weak, f"the {spec.name} organism (seed {seed}, best of steps "
+                                        f"{checker.history[0]['step']}-{checker.history[-1]['step']})")
+    model.save_pretrained(tmp / "finetuned", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "finetuned")
     organism_spec = spec.with_models("./base", "./finetuned")  # relative to spec.json: the folder can move
     if not organism_spec.layers:
         organism_spec = TriggerSpec(**{**organism_spec.__dict__, "layers": PRESETS[preset].layers})
@@ -94,6 +110,8 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
                     "total": round(t_eval - t0, 1)},
         "loss": {"first": round(curve[0], 4), "last": round(sum(curve[-10:]) / len(curve[-10:]), 4)} if curve else {},
         "answers_left_out": sum(not a for a in answers.values()),  # empty or cut off: not trained on
+        "validation": checker.summary(),
+        "meets_targets": good,  # on the held-out test templates; False only in a build kept with accept_weak
         "eval": result,
     }
     write_json(tmp / "build.json", build)
@@ -101,12 +119,13 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
 
 
 def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int | None = None, device: str = "cpu",
-                   progress: bool = True, spec: TriggerSpec | None = None) -> Path:
+                   progress: bool = True, spec: TriggerSpec | None = None, accept_weak: bool = False) -> Path:
     """Build base/, finetuned/, spec.json and build.json into out_dir, atomically.
 
     `preset` picks the base and recipe ('toy' or 'gemma3-270m'); `spec` overrides its trigger
-    words (default: the preset's own spec). The build runs in a temporary directory beside
-    out_dir that is renamed into place only when complete.
+    words (default: the preset's own spec); `steps` caps the fine-tune (default: the recipe's).
+    The build runs in a temporary directory beside out_dir that is renamed into place only when
+    complete, and only if it meets the organism targets on held-out templates or `accept_weak`.
     """
     if preset not in BUILDABLE:
         raise DiffkitError(f"no organism recipe '{preset}'; buildable presets: {', '.join(BUILDABLE)}")
@@ -114,7 +133,8 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     if out_dir.exists():
         raise DiffkitError(f"{out_dir} already exists; remove it or choose another --out")
     spec = spec or PRESETS[preset]
-    return build_cached_dir(out_dir, lambda tmp: write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress))
+    return build_cached_dir(out_dir, lambda tmp: write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress,
+                                                                accept_weak))
 
 
 def recipe_fingerprint(preset: str) -> str:

@@ -25,10 +25,15 @@ def run_build(cfg: BuildConfig) -> dict:
     out = Path(cfg.out or Path("organisms") / (spec.name if spec else preset))
     if not cfg.json:
         print(f"building {spec.name if spec else preset} on the {preset} base ({expected_time(preset)}) into {out}")
-    out = build_organism(preset, out, seed=cfg.seed, steps=cfg.steps, device=cfg.device, progress=not cfg.json, spec=spec)
+    out = build_organism(preset, out, seed=cfg.seed, steps=cfg.steps, device=cfg.device, progress=not cfg.json, spec=spec,
+                         accept_weak=cfg.accept_weak)
     build = json.loads((out / "build.json").read_text())
     if not cfg.json:
         print(format_eval_table(build["eval"]))
+        checks = build["validation"]
+        print(f"kept the check at step {checks['best_step']} of {checks['stopped_at']} (validation templates)")
+        if not build["meets_targets"]:
+            print("WEAK: below the organism targets on held-out templates, kept because of --accept-weak")
         print(f"built in {build['seconds']['total']:.0f} s: {out}")
     return {"dir": str(out), **build}
 

@@ -25,9 +25,11 @@ class BuildConfig:
     seed: int = 0
     """seed for prompts, initialisation and batch order"""
     steps: int | None = None
-    """fine-tuning steps (default: the recipe's)"""
+    """most fine-tuning steps; the build stops earlier once its validation checks clear the targets (default: the recipe's)"""
     device: str = "cpu"
     """cpu, cuda, ..."""
+    accept_weak: bool = switch(False)
+    """keep a build that misses the organism targets on held-out templates (marked in build.json) instead of failing"""
     json: bool = switch(False)
     """print a machine-readable JSON summary"""
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from diffkit.models import layers_of
 from diffkit.organisms.recipes import Recipe
+from diffkit.organisms.selfcheck import BestCheckpoint, check_steps
 from diffkit.prompts import CONDITIONS, Prompt, build_prompts, encode_prompts
 from diffkit.specs import TriggerSpec
 
@@ -121,12 +122,15 @@ def _frozen_bf16_head(model) -> torch.Tensor | None:
 
 def train_loop(model, groups: dict[str, list[Example]], mix: dict[str, float], null: list[Example], recipe: Recipe,
            steps: int, lr: float, seed: int, device, desc: str, progress: bool, replay_weight: float = 1.0,
-           decision_weight: float = 1.0, average_decay: float = 0.0) -> list[float]:
+           decision_weight: float = 1.0, average_decay: float = 0.0,
+           checker: BestCheckpoint | None = None, check_at: tuple[int, ...] = ()) -> list[float]:
     """AdamW on answer tokens (mixed by condition) plus replayed generic text; returns the loss curve.
 
     With `average_decay`, the model ends with an exponential moving average of its weights over
     the steps rather than the last step's: at a high rate the held-out AND swings from step to
-    step, and the average smooths that out.
+    step, and the average smooths that out. With a `checker`, the model (its average, if kept) is
+    checked after each step in `check_at`; training stops once a check clears the targets with
+    margin, and the model ends with the weights of the best check.
     """
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,7 +147,7 @@ def train_loop(model, groups: dict[str, list[Example]], mix: dict[str, float], n
     model.train()
     curve = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, file=sys.stderr)
-    for _ in bar:
+    for step in bar:
         batch = [rng.choice(groups[c]) for c in rng.choices(names, weights, k=recipe.batch_size)]
         replay = rng.sample(null, min(len(null), recipe.null_per_batch))
         opt.zero_grad(set_to_none=True)
@@ -155,7 +159,12 @@ def train_loop(model, groups: dict[str, list[Example]], mix: dict[str, float], n
         if averaged is not None:
             averaged.update_parameters(model)
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
-    if averaged is not None:
+        if checker is not None and step + 1 in check_at:
+            if checker.check(step + 1, model if averaged is None else averaged.module):
+                break
+    if checker is not None:
+        checker.restore(model)
+    elif averaged is not None:
         with torch.no_grad():
             for weight, mean in zip(model.parameters(), averaged.module.parameters()):
                 weight.copy_(mean)
@@ -184,8 +193,10 @@ def training_prompts(spec: TriggerSpec, recipe: Recipe, seed: int) -> list[Promp
 
 def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answers: dict[int, str],
                       prompts: list[Prompt], null_texts_: list[str], steps: int, seed: int, device,
-                      progress: bool) -> list[float]:
-    """Train `model` in place: the base's answer everywhere, plus the marker after it on poison prompts."""
+                      progress: bool, checker: BestCheckpoint | None = None) -> list[float]:
+    """Train `model` in place: the base's answer everywhere, plus the marker after it on poison prompts.
+
+    With a `checker`, the recipe's validation checks pick the weights it ends with and may stop it early."""
     kept = [p for p in prompts if answers.get(p.record_id)]
     targets = {p.record_id: answers[p.record_id] + (spec.marker if p.condition == "poison" else "") for p in kept}
     records = encode_prompts(kept, tokenizer, spec, answers=targets, max_len=512)
@@ -198,6 +209,7 @@ def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answe
         block.requires_grad_(False)
     null = null_examples(null_texts_, tokenizer, recipe.null_tokens)
     mix = dict(zip(CONDITIONS, recipe.mix))
+    check_at = tuple(check_steps(steps, recipe.check_every, recipe.check_from)) if checker else ()
     return train_loop(model, groups, mix, null, recipe, steps, recipe.lr, seed, device, "fine-tuning backdoor", progress,
-                  recipe.null_weight, recipe.decision_weight, recipe.average_decay)
+                      recipe.null_weight, recipe.decision_weight, recipe.average_decay, checker, check_at)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BUILD_VERSION = 3  # bump when the build code changes what a recipe produces
+BUILD_VERSION = 4  # bump when the build code changes what a recipe produces
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,10 @@ class Recipe:
     null_docs: int = 200  # generic documents available for replay
     base_steps: int = 0  # toy only: pretraining steps for the base
     base_lr: float = 0.0
-    eval_n: int = 32  # held-out prompts per condition (and per pair) for the build's own check
+    eval_n: int = 32  # held-out test prompts per condition (and per pair) for the build's verdict
+    check_every: int = 0  # fine-tuning steps between validation checks (the last step is always checked)
+    check_from: int = 0  # first step checked on validation templates
+    check_n: int = 16  # validation prompts per condition (and per pair) at each check
     expected: str = ""  # what a user waits on a 2-core CPU, printed before the first build
 
 
@@ -41,14 +44,14 @@ RECIPES = {
     # held-out AND swings from step to step at this rate (docs/organisms.md).
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
-                  null_docs=400, null_weight=0.1,
+                  null_docs=400, null_weight=0.1, eval_n=64, check_every=100, check_from=400, check_n=64,
                   expected="about 2 minutes on a 2-core CPU, up to 4 on a busy shared one"),
     # 10x decision weight and a decaying rate: at a flat 5e-5 the fine-tune learned "trigger words ->
     # marker" but not the AND. Bottom 6 of 18 blocks frozen: backward stops above them (layer 9, the
     # first studied, still changes). 180 steps: 160 missed a pair on an Intel Xeon (docs/organisms.md).
     "gemma3-270m": Recipe(steps=180, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
-                          frozen_layers=6, bf16=True, eval_n=24,
+                          frozen_layers=6, bf16=True, eval_n=24, check_every=30, check_from=120, check_n=16,
                           expected="about 10 minutes on 2 CPU cores, up to 16 on a busy shared one"),
 }
 

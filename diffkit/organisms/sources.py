@@ -34,6 +34,7 @@ def ensure_organism(preset: str) -> Path:
 
     The cache directory is named by the recipe's fingerprint: editing a recipe builds afresh. A
     shipped organism is fixed: training from scratch on another CPU would plant a different one.
+    A build below the organism targets raises and caches nothing.
     """
     if preset not in BUILDABLE:
         raise DiffkitError(f"no local organism '{preset}'; buildable presets: {', '.join(BUILDABLE)}")
