@@ -42,8 +42,8 @@ class Shard:
 class Collective:
     """The collectives training needs; identities when there is one process."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
-        self.rank, self.world, self.local_rank = rank, world, local_rank
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
 
     @property
     def is_main(self) -> bool:
@@ -96,10 +96,6 @@ class Collective:
             raise DiffkitError(value)
         return value
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 SINGLE = Collective()
 
@@ -134,7 +130,7 @@ def process_group(sae_device: str, timeout_s: float) -> Iterator[Collective]:
         torch.cuda.set_device(torch.device(sae_device))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     try:
-        yield Collective(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        yield Collective(dist.get_rank(), dist.get_world_size())
     finally:
         dist.destroy_process_group()
 
