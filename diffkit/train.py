@@ -118,6 +118,8 @@ def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path):
 
 def share_trainers(trainers: dict[str, SAETrainer], comm: Collective) -> None:
     """Give every rank the state each SAE's owner has trained it to."""
+    if not comm.distributed:
+        return
     for i, trainer in enumerate(trainers.values()):
         owner = comm.owner(i)
         state = comm.share(trainer.state_dict() if comm.rank == owner else None, owner)
