@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.pairs import PAIRS, bench_pair, forward_flops_per_token
+from diffkit.devices import pick_dtype, resolve_device
 from diffkit.models import layers_of, load_pair
 from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream
 from diffkit.tracing import pad_records
-from diffkit.devices import pick_dtype, resolve_device
 from diffkit.train import TrainConfig, default_expansion, train
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from diffkit.models import build_cached_dir, cache_dir, resolve_source
+from diffkit.models import build_cached_dir, cache_dir
+from diffkit.organisms.sources import resolve_source
 
 PAIRS = ("toy", "gemma3-270m", "gemma2-2b")
 

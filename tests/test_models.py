@@ -129,12 +129,12 @@ def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
 def test_placement_flags_place_each_model_and_diff_on_the_sae_device(toy_organism):
     """Every device is "cpu" here; on a GPU machine the same calls put base and fine-tune on two
     devices (or spread both with accelerate) and the differences still land on the SAE's device."""
-    from diffkit.cli import _commands, build_parser
+    from diffkit.cli import build_parser
     from diffkit.prompts import Record
     from diffkit.tracing import trace_batch
 
-    args = build_parser(_commands()).parse_args(["train", "--base-device", "cpu", "--finetuned-device", "cpu", "--device-map", "auto"])
-    assert (args.base_device, args.finetuned_device, args.device_map) == ("cpu", "cpu", "auto")
+    cfg = build_parser().parse_args(["train", "--base-device", "cpu", "--finetuned-device", "cpu", "--device-map", "auto"]).config
+    assert (cfg.base_device, cfg.finetuned_device, cfg.device_map) == ("cpu", "cpu", "auto")
 
     base, ft = toy_organism / "base", toy_organism / "finetuned"
     placed = load_pair(base, ft, device="cpu", base_device="cpu", finetuned_device="cpu")
