@@ -9,8 +9,8 @@ Prints, on the same record stream:
   5. on a CPU: peak RSS at two token budgets (memory must not grow with --tokens);
   6. with --sae-step, the SAE-step comparison with dictionary_learning (benchmarks/bench_sae_step.py).
 
-    python benchmarks/bench_train.py --preset gemma3-270m --layers 9,16 --k 32,64 --tokens 131072
-    python benchmarks/bench_train.py --pair gemma2-2b --device cuda        # see benchmarks/gpu.sh
+    python -m benchmarks.bench_train --preset gemma3-270m --layers 9,16 --k 32,64 --tokens 131072
+    python -m benchmarks.bench_train --pair gemma2-2b --device cuda        # see benchmarks/gpu.sh
 """
 
 from __future__ import annotations
