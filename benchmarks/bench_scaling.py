@@ -49,11 +49,12 @@ def main() -> None:
                   "--tokens", str(args.tokens), "--batch-size", str(args.batch_size), "--buffer-tokens", str(args.buffer_tokens),
                   "--answered-prompts", "0", "--eval-tokens", "1024", "--device", "cpu", "--dtype", "float32"]
     print(f"# {args.pair}: layers {pair.layers}, k {pair.k}, {args.tokens} tokens, batch {args.batch_size}, "
-          f"1 thread per process, {os.cpu_count()} CPUs, repeats {args.repeats} (medians)")
+          f"1 thread per process, {os.cpu_count()} CPUs, repeats {args.repeats} (medians)", flush=True)
     one, many = [], []
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         one.append(loop_tokens_per_s(1, train_args))
         many.append(loop_tokens_per_s(args.ranks, train_args))
+        print(f"  run {repeat + 1}: {one[-1]:,.0f} tok/s with 1 process, {many[-1]:,.0f} with {args.ranks} ranks", flush=True)
     a, b = statistics.median(one), statistics.median(many)
     print(f"{'1 process, 1 thread':<30}{a:>10,.0f} tok/s   runs {[round(x) for x in one]}")
     print(f"{f'{args.ranks} ranks, 1 thread each':<30}{b:>10,.0f} tok/s   runs {[round(x) for x in many]}")
