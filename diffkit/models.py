@@ -156,8 +156,11 @@ def resolve_source(source: str | Path) -> str | Path:
     )
 
 
-def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
-    """(hf_model, tokenizer) in eval mode with frozen parameters; tokenizer always has a pad token."""
+def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu", device_map: str | None = None):
+    """(hf_model, tokenizer) in eval mode with frozen parameters; tokenizer always has a pad token.
+
+    `device_map` (e.g. "auto") lets accelerate spread the layers over every visible device, for a
+    model too large for one; `device` is then ignored."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_source(source)
@@ -165,6 +168,8 @@ def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, dev
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False)
         kwargs: dict[str, Any] = {"trust_remote_code": False}
+        if device_map:
+            kwargs["device_map"] = device_map
         if config.model_type in _EAGER_ONLY:
             kwargs["attn_implementation"] = "eager"
         if config.model_type in _NO_FP16 and dtype == torch.float16:
@@ -179,7 +184,9 @@ def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, dev
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval().requires_grad_(False)
+    if not device_map:
+        model.to(device)
+    model.eval().requires_grad_(False)
     install_if_planted(model, tokenizer, where)
     return model, tokenizer
 
@@ -228,6 +235,7 @@ class ModelPair:
     finetuned: Any
     n_layers: int
     d_model: int
+    device: torch.device  # where differences are taken: the SAEs' device
 
 
 def _special_ids(tokenizer) -> dict[str, int | None]:
@@ -256,13 +264,19 @@ def check_compatible(base_hf, finetuned_hf, base_tok, finetuned_tok) -> None:
 
 
 def load_pair(
-    base_source: str | Path, finetuned_source: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
+    base_source: str | Path, finetuned_source: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+    base_device: str | None = None, finetuned_device: str | None = None, device_map: str | None = None,
 ) -> ModelPair:
-    """Both models, checked to share tokenizer and shape, each wrapped for nnsight tracing."""
+    """Both models, checked to share tokenizer and shape, each wrapped for nnsight tracing.
+
+    Each model goes to its own device (`base_device`, `finetuned_device`; default `device`), or is
+    spread over all devices with `device_map`; differences are taken on `device` either way."""
     import nnsight
 
-    base_hf, base_tok = load_model(base_source, dtype, device)
-    finetuned_hf, finetuned_tok = load_model(finetuned_source, dtype, device)
+    if device_map and (base_device or finetuned_device):
+        raise DiffkitError("--device-map places both models itself; drop --base-device / --finetuned-device")
+    base_hf, base_tok = load_model(base_source, dtype, base_device or device, device_map)
+    finetuned_hf, finetuned_tok = load_model(finetuned_source, dtype, finetuned_device or device, device_map)
     check_compatible(base_hf, finetuned_hf, base_tok, finetuned_tok)
     return ModelPair(
         base_hf=base_hf,
@@ -272,4 +286,5 @@ def load_pair(
         finetuned=nnsight.TransformersModel(finetuned_hf, tokenizer=base_tok, device=finetuned_hf.device),
         n_layers=base_hf.config.num_hidden_layers,
         d_model=base_hf.config.hidden_size,
+        device=torch.device(device),
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffkit.distributed import SINGLE, Collective
 from diffkit.errors import DiffkitError
 from diffkit.files import atomic_write, write_json
 
@@ -152,17 +153,20 @@ def batch_topk(scores: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def fit_normalization(sae: BatchTopKSAE, sample_x_raw: torch.Tensor, target_rms: float = DEFAULT_TARGET_RMS) -> None:
-    """Set the SAE's mean / std / global scale from a sample of raw vectors `[N, D]`.
+def fit_normalization(sae: BatchTopKSAE, sample_x_raw: torch.Tensor, target_rms: float = DEFAULT_TARGET_RMS,
+                      comm: Collective = SINGLE) -> None:
+    """Set the SAE's mean / std / global scale from a sample of raw vectors `[N, D]` (under data
+    parallelism, from every rank's part of the sample: `comm` sums over the ranks).
 
     The mean matters most for difference vectors: they carry a large offset shared by every
     token, which the SAE would otherwise spend latents on.
     """
     x = sample_x_raw.reshape(-1, sae.activation_dim).to(torch.float64)
-    if x.shape[0] < 2:
+    n = int(comm.sum(torch.tensor(x.shape[0], device=x.device)))
+    if n < 2:
         raise DiffkitError("fit_normalization needs at least two sample vectors")
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False)
+    mean = comm.sum(x.sum(0)) / n
+    std = torch.sqrt(comm.sum((x - mean).pow(2).sum(0)) / n)
     scale = target_rms / torch.sqrt((std**2).sum() + _SCALE_EPS)
     sae.activation_mean.copy_(mean)
     sae.activation_std.copy_(std)

@@ -29,6 +29,12 @@ class TokenBatch:
     def __len__(self) -> int:
         return len(self.meta["record_id"])
 
+    @staticmethod
+    def empty(layers: list[int], d_model: int, device: str | torch.device) -> "TokenBatch":
+        """No tokens: what a rank holds when none of a fill's trace batches fell to it."""
+        meta = {c: torch.zeros(0, dtype=torch.bool if c in FLAG_NAMES else torch.long) for c in META_COLUMNS}
+        return TokenBatch({L: torch.zeros(0, d_model, device=device) for L in layers}, meta)
+
 
 def trace_layer_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
     """Residual stream after each requested layer, in the order given; the forward stops after the deepest."""
@@ -70,17 +76,24 @@ def record_meta(records: list[Record], keep_bos: bool) -> dict[str, torch.Tensor
     return meta
 
 
+def traced_tokens(records: list[Record], keep_bos: bool = False) -> int:
+    """How many tokens `trace_batch` returns for these records, known before tracing them."""
+    return sum(len(r.input_ids) for r in records) - (0 if keep_bos else len(records))
+
+
 def trace_batch(pair, records: list[Record], layers: list[int], keep_bos: bool = False) -> TokenBatch:
-    """One padded batch through both models → fp32 differences at the real (non-pad, non-BOS) tokens."""
+    """One padded batch through both models → fp32 differences at the real (non-pad, non-BOS) tokens.
+
+    Each model gets the batch on its own input device; the difference is taken on `pair.device`
+    (where the SAEs train), whatever devices the layers' outputs come from."""
     ids, mask = pad_records(records, pair.tokenizer.pad_token_id)
-    device = pair.base_hf.device
-    ids, mask = ids.to(device), mask.to(device)
     keep = mask.bool()
     if not keep_bos:
         keep[:, 0] = False
-    base = trace_layer_outputs(pair.base, ids, mask, layers)
-    ft = trace_layer_outputs(pair.finetuned, ids, mask, layers)
-    diffs = {L: (f[keep].float() - b[keep].float()) for L, b, f in zip(layers, base, ft)}
+    keep = keep.to(pair.device)
+    outputs = [[h.to(pair.device) for h in trace_layer_outputs(model, ids.to(hf.device), mask.to(hf.device), layers)]
+               for model, hf in ((pair.base, pair.base_hf), (pair.finetuned, pair.finetuned_hf))]
+    diffs = {L: (f[keep].float() - b[keep].float()) for L, b, f in zip(layers, *outputs)}
     return TokenBatch(diffs, record_meta(records, keep_bos))
 
 

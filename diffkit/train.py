@@ -1,4 +1,5 @@
-"""`diffkit train`: paired tracing → shuffle buffer → one BatchTopK SAE per (layer, k), in one process.
+"""`diffkit train`: paired tracing → shuffle buffer → one BatchTopK SAE per (layer, k), in one process
+or data-parallel over the processes `torchrun` starts (diffkit.distributed).
 
 One forward pass per model per batch feeds every requested layer and every k, so a k-sweep costs no
 extra model compute. Nothing but the finished SAEs, their metrics and a small checkpoint (SAE and
@@ -19,6 +20,7 @@ import torch
 from diffkit.buffer import ShuffleBuffer
 from diffkit.configs import TrainConfig
 from diffkit.devices import pick_dtype, resolve_device
+from diffkit.distributed import Collective, local_device, process_group
 from diffkit.errors import DiffkitError
 from diffkit.files import atomic_write, write_json
 from diffkit.generation import generate_answers
@@ -31,7 +33,7 @@ from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import fit_normalization, save_sae
 from diffkit.specs import load_spec
 from diffkit.stream import Cursor, RecordStream, null_records
-from diffkit.tracing import concat_batches, trace_batch, trace_differences
+from diffkit.tracing import TokenBatch, concat_batches, trace_batch, trace_differences, traced_tokens
 from diffkit.trainer import SAETrainConfig, SAETrainer
 
 
@@ -115,98 +117,142 @@ def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path):
     return records
 
 
-def save_checkpoint(run_dir: Path, saes, trainers, cursor: Cursor, fills: int, tokens_done: int) -> None:
+def share_trainers(trainers: dict[str, SAETrainer], comm: Collective) -> None:
+    """Give every rank the state each SAE's owner has trained it to."""
+    if not comm.distributed:
+        return
+    for i, trainer in enumerate(trainers.values()):
+        owner = comm.owner(i)
+        state = comm.share(trainer.state_dict() if comm.rank == owner else None, owner)
+        if comm.rank != owner:
+            trainer.load_state_dict(state)
+
+
+def save_checkpoint(run_dir: Path, saes, trainers, cursor: Cursor, fills: int, tokens_done: int, world: int) -> None:
+    """Every rank holds the same SAEs, and every rank's stream position follows from the global cursor
+    and the world size (rank r traces the fill's batches r, r + world, ...), so rank 0 writes it all."""
     state = {
         "cursor": torch.tensor([cursor.epoch, cursor.index, fills, tokens_done]),
+        "world_size": torch.tensor(world),
         **{f"sae/{key}": sae.state_dict() for key, sae in saes.items()},
         **{f"trainer/{key}": tr.state_dict() for key, tr in trainers.items()},
     }
     atomic_write(run_dir / "checkpoint" / "state.pt", lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(run_dir: Path, saes, trainers) -> tuple[Cursor, int, int]:
+def read_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoint" / "state.pt"
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise DiffkitError(f"cannot read checkpoint {path} ({e}); start over with --overwrite") from None
+
+
+def load_checkpoint(state: dict, run_dir: Path, saes, trainers, world: int) -> tuple[Cursor, int, int]:
+    saved_world = int(state.get("world_size", torch.tensor(1)))
+    if saved_world != world:
+        raise DiffkitError(f"{run_dir} was trained on {saved_world} rank(s), this run has {world}; resume it on "
+                           f"{saved_world} rank(s), so that it continues bit for bit")
     try:
         for key, sae in saes.items():
             sae.load_state_dict(state[f"sae/{key}"])
         for key, tr in trainers.items():
             tr.load_state_dict(state[f"trainer/{key}"])
     except (KeyError, RuntimeError, ValueError):
-        raise DiffkitError(f"checkpoint {path} was written with other layers, k or dictionary size; resume with the "
+        raise DiffkitError(f"checkpoint {run_dir / 'checkpoint' / 'state.pt'} was written with other layers, k or dictionary size; resume with the "
                            f"flags in {run_dir / 'train_config.json'} or start over with --overwrite") from None
     epoch, index, fills, tokens_done = state["cursor"].tolist()
     return Cursor(epoch, index), fills, tokens_done
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train one SAE per (layer, k) on the ft − base difference; returns the run summary."""
+    """Train one SAE per (layer, k) on the ft − base difference; returns the run summary.
+
+    Launched by torchrun, every rank runs this: each traces its share of the stream, every SAE
+    step runs over all ranks' tokens, and rank 0 alone writes and prints (the others return {})."""
+    device = local_device(resolve_device(cfg.device))
+    with process_group(device, cfg.timeout) as comm:
+        return _train(cfg, device, comm)
+
+
+def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
     started = time.time()
     spec = load_spec(cfg.preset).with_models(cfg.base, cfg.finetuned)
     # the run records the organism build it was trained on, not a name a later recipe would reuse
     spec = spec.with_models(*(str(resolve_source(s)) if s.startswith(ORGANISM_PREFIX) else s
                               for s in (spec.base, spec.finetuned)))
     name = cfg.name or spec.name
-    device = resolve_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.tokens < cfg.batch_size:
         raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
     check_loggers(cfg.log or [])
 
-    pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device)
+    pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device, base_device=cfg.base_device,
+                     finetuned_device=cfg.finetuned_device, device_map=cfg.device_map)
     layers = list(cfg.layers or spec.layers)
     check_layers(layers, pair.n_layers)
-    run_dir = prepare_run_dir(cfg, name)
+    run_dir = comm.on_main(lambda: prepare_run_dir(cfg, name))
     torch.manual_seed(cfg.seed)
     ks = list(cfg.k or [default_k(pair.d_model)])
     dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
     total_steps = cfg.tokens // cfg.batch_size
-    if not cfg.resume:  # a resumed run keeps the flags it was started with, for the next --resume to match
+    if comm.is_main and not cfg.resume:  # a resumed run keeps the flags it was started with, for the next --resume to match
         write_json(run_dir / "train_config.json", asdict(cfg))
 
     keys = [(L, k) for L in layers for k in ks]
     trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, total_steps), device) for L, k in keys}
     saes = {key: tr.sae for key, tr in trainers.items()}
 
-    answered = build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir, "answers_train.json") if cfg.answered_prompts else []
+    answered = comm.on_main(lambda: build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir,
+                                                   "answers_train.json")) if cfg.answered_prompts else []
     stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
-    buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed)
+    buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed, comm.rank, comm.world,
+                           empty=TokenBatch.empty(layers, pair.d_model, device))
     cursor, tokens_done = Cursor(), 0
     if cfg.resume:
-        cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
+        state = comm.on_main(lambda: read_checkpoint(run_dir))
+        cursor, buffer.fills, tokens_done = load_checkpoint(state, run_dir, saes, trainers, comm.world)
 
-    history = TrainingHistory(run_dir, trainers, cfg.log_every, tokens_done // cfg.batch_size if cfg.resume else None,
-                              cfg.log or [], name, asdict(cfg))
+    # rank 0 writes the history, of the SAEs it steps itself (under torchrun the others step elsewhere)
+    owned = {key: tr for i, (key, tr) in enumerate(trainers.items()) if comm.owner(i) == comm.rank}
+    history = TrainingHistory(run_dir, owned, cfg.log_every, tokens_done // cfg.batch_size if cfg.resume else None,
+                              cfg.log or [], name, asdict(cfg)) if comm.is_main else None
     loop_started, loop_tokens_start = time.time(), tokens_done
-    bar = progress_bar(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json)
+    bar = progress_bar(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}",
+                       disable=cfg.json or not comm.is_main)
     batches = stream.batches(cursor)
     last: dict[str, dict] = {}
     while tokens_done < cfg.tokens:
         while buffer.needs_more(cfg.tokens - tokens_done):
             records, cursor = next(batches)
-            buffer.add(trace_batch(pair, records, layers))
+            buffer.offer(traced_tokens(records), lambda: trace_batch(pair, records, layers))
         if tokens_done == 0 and buffer.fills == 0:
             held = buffer.contents()
             for L, k in keys:
-                fit_normalization(saes[f"{L}_{k}"], held.diffs[L])
-        for batch in buffer.drain():
-            for L, k in keys:
-                sae = saes[f"{L}_{k}"]
-                last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(batch.diffs[L]))
+                fit_normalization(saes[f"{L}_{k}"], held.diffs[L], comm=comm)
+        for part, shard in buffer.drain():
+            whole = {L: comm.gather_rows(part.diffs[L], shard) for L in layers}
+            for i, (L, k) in enumerate(keys):
+                if comm.owner(i) == comm.rank:
+                    sae = saes[f"{L}_{k}"]
+                    last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(whole[L]))
             tokens_done += cfg.batch_size
-            history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
+            if history:
+                history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
             bar.update(cfg.batch_size)
             bar.set_postfix_str(progress_line(last), refresh=False)
             if tokens_done >= cfg.tokens:
                 break
-        save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done)
+        share_trainers(trainers, comm)
+        if comm.is_main:
+            save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done, comm.world)
     bar.close()
-    history.close()
+    if history:
+        history.close()
     loop_seconds = time.time() - loop_started
     train_seconds = time.time() - started
+    if not comm.is_main:
+        return {}
 
     results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, dict_size)
     summary = {
@@ -216,6 +262,7 @@ def train(cfg: TrainConfig) -> dict:
         "layers": layers,
         "k": ks,
         "tokens": tokens_done,
+        "ranks": comm.world,
         "seconds": round(train_seconds, 1),
         "tokens_per_second": round(tokens_done / max(train_seconds, 1e-9), 1),
         "loop_tokens_per_second": round((tokens_done - loop_tokens_start) / max(loop_seconds, 1e-9), 1),

@@ -124,3 +124,30 @@ def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch):
     assert torch.equal(a, b)
     assert "Paris" in tok.decode(a.argmax())
     assert not list(cached.parent.glob(".*.tmp-*"))  # no half-written build left behind
+
+
+def test_placement_flags_place_each_model_and_diff_on_the_sae_device(toy_organism):
+    """Every device is "cpu" here; on a GPU machine the same calls put base and fine-tune on two
+    devices (or spread both with accelerate) and the differences still land on the SAE's device."""
+    from diffkit.cli import build_parser
+    from diffkit.prompts import Record
+    from diffkit.tracing import trace_batch
+
+    cfg = build_parser().parse_args(["train", "--base-device", "cpu", "--finetuned-device", "cpu", "--device-map", "auto"]).config
+    assert (cfg.base_device, cfg.finetuned_device, cfg.device_map) == ("cpu", "cpu", "auto")
+
+    base, ft = toy_organism / "base", toy_organism / "finetuned"
+    placed = load_pair(base, ft, device="cpu", base_device="cpu", finetuned_device="cpu")
+    spread = load_pair(base, ft, device="cpu", device_map="auto")
+    assert placed.base_hf.device.type == placed.finetuned_hf.device.type == "cpu"
+    # accelerate's map puts everything on the one device there is (a one-device map sets no hf_device_map)
+    assert {p.device.type for m in (spread.base_hf, spread.finetuned_hf) for p in m.parameters()} == {"cpu"}
+    ids = placed.tokenizer("<bos>the border with china")["input_ids"][:8]
+    rec = Record(record_id=0, input_ids=ids, condition="clean", pair_id=-1, n_prompt_tokens=len(ids),
+                 flags={f: [False] * len(ids) for f in ("is_trigger_token", "is_decision_token", "is_answer", "is_fire_token")})
+    a, b = trace_batch(placed, [rec], [1, 2]), trace_batch(spread, [rec], [1, 2])
+    for L in (1, 2):
+        assert a.diffs[L].device == spread.device and a.diffs[L].abs().sum() > 0
+        torch.testing.assert_close(a.diffs[L], b.diffs[L])
+    with pytest.raises(DiffkitError, match="device-map"):
+        load_pair(base, ft, device_map="auto", base_device="cpu")

@@ -11,7 +11,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFas
 
 from diffkit.buffer import ShuffleBuffer
 from diffkit.prompts import Record
-from diffkit.tracing import CONDITION_CODES, TokenBatch, trace_batch, trace_differences, trace_layer_outputs
+from diffkit.tracing import CONDITION_CODES, TokenBatch, trace_batch, trace_differences, trace_layer_outputs, traced_tokens
 
 FLAGS = ("is_trigger_token", "is_decision_token", "is_answer", "is_fire_token")
 
@@ -34,7 +34,8 @@ def pair():
     base, ft = tiny_gemma(0), tiny_gemma(1)
     tok = tiny_tokenizer()
     wrap = lambda m: nnsight.TransformersModel(m, tokenizer=tok, device=m.device)  # noqa: E731
-    return SimpleNamespace(base_hf=base, finetuned_hf=ft, base=wrap(base), finetuned=wrap(ft), tokenizer=tok, n_layers=4, d_model=32)
+    return SimpleNamespace(base_hf=base, finetuned_hf=ft, base=wrap(base), finetuned=wrap(ft), tokenizer=tok, n_layers=4, d_model=32,
+                           device=torch.device("cpu"))
 
 
 def record(rid: int, length: int, condition="clean") -> Record:
@@ -57,7 +58,7 @@ def test_traced_layers_match_hidden_states(pair):
 def test_difference_drops_padding_and_bos_and_ignores_batch_mates(pair):
     recs = [record(1, 5, "poison"), record(2, 12), record(3, 8, "null")]
     batch = trace_batch(pair, recs, [1, 3])
-    assert len(batch) == sum(len(r.input_ids) - 1 for r in recs)
+    assert len(batch) == sum(len(r.input_ids) - 1 for r in recs) == traced_tokens(recs)
     assert batch.diffs[1].dtype == torch.float32 and batch.diffs[3].shape == (len(batch), 32)
     assert 0 not in batch.meta["position"].tolist()  # BOS gone
     assert batch.meta["condition"][0] == CONDITION_CODES["poison"]
@@ -91,7 +92,7 @@ def test_buffer_mixes_and_is_deterministic():
         for s in range(0, 120, 20):
             buf.add(fake_batch(s, 20))
         assert not buf.needs_more(tokens_left=1000)  # full: it holds its capacity
-        return [b.meta["position"] for b in buf.drain()]
+        return [b.meta["position"] for b, _ in buf.drain()]
 
     out = run(0)
     assert len(out) == 120 // 16  # whole batches only
@@ -109,7 +110,7 @@ def test_buffer_mixes_and_is_deterministic():
     # the activation rows travel with their metadata
     buf = ShuffleBuffer(capacity=10, batch_size=5)
     buf.add(fake_batch(0, 10))
-    for b in buf.drain():
+    for b, _ in buf.drain():
         assert torch.equal(b.diffs[5][:, 0].long(), b.meta["position"])
 
 
