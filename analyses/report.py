@@ -21,7 +21,7 @@ from analyses.ranking import __doc__ as RANKING_DOC
 from analyses.stats import Collection, load_activations, load_run_pair, write_latent_stats
 from diffkit.files import write_text
 from diffkit.metrics import flatten
-from diffkit.run import load_run
+from diffkit.sae_sources import resolve_options
 
 
 PAGE_CSS = """
@@ -90,16 +90,16 @@ def run_section(page: Page, run) -> None:
 def run_report(cfg: ReportConfig) -> dict:
     from diffkit.devices import resolve_device
 
-    run = load_run(cfg.run)
+    run = resolve_options(cfg)
     spec = run.spec
     device = resolve_device(cfg.device)
     models = load_run_pair(run, device) if cfg.ablate > 0 else None
-    activations = load_activations(run.path, cfg.layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
+    activations = load_activations(run, cfg.layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
                                    device, cfg.batch_size, pair=models, progress=not cfg.json)
     stats_files = write_latent_stats(run.path, activations, spec)
     summary, overlaps, rankings = grid_summary(activations, spec, cfg.top, cfg.target_auroc)
 
-    page = Page(f"diffkit report: {run.path.name}")
+    page = Page(f"diffkit report: {run.source or run.path.name}")
     run_section(page, run)
     page.heading("Trigger pairs across the relatedness × charged-ness grid")
     page.add(frame_html(summary.drop(columns=["pair_id", "related", "charged"])))
