@@ -5,6 +5,7 @@
     diffkit organism eval DIR
     diffkit attribute --pair border/china [--run runs/toy]
     diffkit grid / diffkit report / diffkit presets
+    diffkit export RUN --format saelens --out DIR / diffkit push RUN --repo OWNER/NAME [--dry-run --out DIR]
 
 Flags and their help come from the config dataclasses (simple-parsing reads the field docstrings).
 Configs live in light modules and a command's module (torch, transformers, nnsight) is imported
@@ -22,7 +23,7 @@ from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.help_formatter import SimpleHelpFormatter
 
 from analyses.configs import AttributeConfig, GridConfig, ReportConfig
-from diffkit.configs import PresetsConfig, TrainConfig
+from diffkit.configs import ExportConfig, PresetsConfig, PushConfig, TrainConfig
 from diffkit.errors import DiffkitError
 from diffkit.organisms.config import BuildConfig, EvalConfig
 
@@ -46,6 +47,10 @@ COMMANDS = {
                     "analyses.grid:run_grid"),
     "report": Command("write one self-contained HTML report for a trained run", ReportConfig,
                       "analyses.report:run_report"),
+    "export": Command("write a run's SAEs in SAELens or dictionary_learning format", ExportConfig,
+                      "diffkit.export:run_export"),
+    "push": Command("upload a run's SAEs to the hub with a model card (--dry-run: write the folder only)", PushConfig,
+                    "diffkit.push:run_push"),
     "presets": Command("list the trigger-spec presets", PresetsConfig, "diffkit.cli:list_presets"),
 }
 

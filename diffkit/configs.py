@@ -87,6 +87,51 @@ class TrainConfig:
     """print a machine-readable JSON summary instead of tables"""
 
 
+EXPORT_FORMATS = ("saelens", "dictionary_learning")
+
+
+@dataclass
+class ExportConfig:
+    """Options of `diffkit export`."""
+
+    run: str = field(default="", positional=True, nargs="?", metavar="RUN")
+    """finished run directory"""
+    format: str = "saelens"
+    """file format: saelens or dictionary_learning"""
+    out: str = ""
+    """folder to write (must not exist unless --overwrite)"""
+    overwrite: bool = switch(False)
+    """replace an existing --out"""
+    json: bool = switch(False)
+    """print the written files as JSON"""
+
+
+@dataclass
+class PushConfig:
+    """Options of `diffkit push`."""
+
+    run: str = field(default="", positional=True, nargs="?", metavar="RUN")
+    """finished run directory"""
+    repo: str = ""
+    """hub repo to create or update, OWNER/NAME"""
+    private: bool = switch(False)
+    """create the repo private"""
+    dry_run: bool = switch(False)
+    """write the folder that would be uploaded to --out and upload nothing"""
+    out: str | None = None
+    """with --dry-run: the folder to write"""
+    base_id: str | None = None
+    """hub id of the base model for the card, when the run used a local copy"""
+    finetuned_id: str | None = None
+    """hub id of the fine-tuned model for the card, when the run used a local copy"""
+    license: str = "apache-2.0"
+    """license of the SAE weights, for the card"""
+    overwrite: bool = switch(False)
+    """with --dry-run: replace an existing --out"""
+    json: bool = switch(False)
+    """print what was written or uploaded as JSON"""
+
+
 @dataclass
 class PresetsConfig:
     """Options of `diffkit presets`."""

@@ -46,3 +46,29 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_folder(path: str | os.PathLike, write_fn: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call `write_fn(tmp_dir)` to fill a temporary folder beside `path`, then rename it to `path`.
+
+    An existing `path` is refused unless `overwrite`; a failure leaves nothing behind.
+    """
+    import shutil
+
+    from diffkit.errors import DiffkitError
+
+    path = Path(path)
+    empty_dir = path.is_dir() and not any(path.iterdir())
+    if path.exists() and not empty_dir and not overwrite:
+        raise DiffkitError(f"{path} already exists; choose another --out or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write_fn(tmp)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
