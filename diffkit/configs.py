@@ -61,7 +61,16 @@ class TrainConfig:
     max_len: int = 128
     """longest sequence, in tokens"""
     null_fraction: float = 0.5
-    """share of the stream's tokens that are generic null text"""
+    """share of the stream's tokens that are generic null text (or --dataset text)"""
+    dataset: str | None = None
+    """your own text instead of the generic null text: a hub dataset id (streamed), a .jsonl/.parquet/.txt
+    file, or a folder saved with datasets' save_to_disk"""
+    dataset_split: str = "train"
+    """split of --dataset"""
+    text_field: str | None = None
+    """field of --dataset holding the text or the chat messages (default: 'text', else 'messages')"""
+    dataset_docs: int = 10_000
+    """most documents read from --dataset (every 20th is held out for the metrics)"""
     eval_tokens: int = 16_384
     """held-out tokens for the final metrics"""
     answered_prompts: int = 128
