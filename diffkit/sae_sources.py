@@ -37,10 +37,6 @@ def resolve_options(cfg) -> RunInfo:
     return resolve_saes(cfg.saes or cfg.run, cfg.preset, cfg.base, cfg.finetuned, cfg.sae_layer, cfg.workdir)
 
 
-def resolve_saes(self) -> RunInfo:
-        return resolve_saes(self.saes or self.run, self.preset, self.base, self.finetuned, self.sae_layer, self.workdir)
-
-
 def resolve_saes(source: str | Path, preset: str | None = None, base: str | None = None, finetuned: str | None = None,
                  sae_layer: int | None = None, workdir: str | Path | None = None) -> RunInfo:
     """SOURCE (see the module doc) → RunInfo whose `path` is the folder analyses write into."""

@@ -58,6 +58,8 @@ def hub_cache(toy_run, tmp_path_factory):
     write_hub_cache(cache, REPO, "a" * 40, lambda snap: write_published_layout(toy_run, snap))
     # a second revision, tagged v1, that holds only layer 1
     write_hub_cache(cache, REPO, "b" * 40, lambda snap: write_published_layout(toy_run, snap, layers=[1]), ref="v1")
+    # a repo with a card and no SAE files
+    write_hub_cache(cache, "diffkit-test/no-saes", "c" * 40, lambda snap: (snap.mkdir(parents=True), (snap / "README.md").write_text("hi")))
     return cache
 
 
@@ -75,6 +77,28 @@ def test_attribute_on_hub_repo_matches_the_run(toy_run, hub_cache, tmp_path):
     assert [r["auroc"] for r in got] == pytest.approx([r["auroc"] for r in want], abs=1e-6)
     # analyses of a non-run source go to runs/saes/<source>/ under the working directory
     assert (tmp_path / "runs" / "saes" / REPO.replace("/", "--") / "analyses" / "border-china" / "attribute.csv").exists()
+
+
+@pytest.mark.slow
+def test_grid_and_report_on_hub_repo_match_the_run(toy_run, hub_cache, tmp_path):
+    from analyses.configs import GridConfig, ReportConfig
+    from analyses.grid import run_grid
+    from analyses.report import run_report
+
+    want_grid = run_grid(GridConfig(run=str(toy_run), k=K, json=True))
+    want_report = run_report(ReportConfig(run=str(toy_run), k=K, ablate=0, out=str(tmp_path / "run.html"), json=True))
+    common = ["--saes", REPO, "--preset", "toy", "--json"]
+    grid = run_offline(["grid", *common], hub_cache, tmp_path)
+    report = run_offline(["report", *common, "--ablate", "0"], hub_cache, tmp_path)
+    assert grid.returncode == 0 and report.returncode == 0, grid.stderr + report.stderr
+    got_grid, got_report = json.loads(grid.stdout), json.loads(report.stdout)
+    for got, want in zip(got_grid["pairs"], want_grid["pairs"]):
+        assert (got["pair"], got["layer"], got["top_latent"], got["n_needed"]) == \
+            (want["pair"], want["layer"], want["top_latent"], want["n_needed"])
+        assert got["top_auroc"] == pytest.approx(want["top_auroc"], abs=1e-6)
+    assert got_report["top_latents"] == json.loads(json.dumps(want_report["top_latents"]))
+    assert Path(got_report["report"]) == Path("runs/saes") / REPO.replace("/", "--") / "report.html"
+    assert (tmp_path / got_report["report"]).stat().st_size > 0
 
 
 def test_hub_revision_and_subfolder(toy_run, hub_cache, tmp_path):
@@ -98,6 +122,7 @@ def test_hub_revision_and_subfolder(toy_run, hub_cache, tmp_path):
     ("nobody/no-such-repo", "cannot get hub repo nobody/no-such-repo"),
     (f"{REPO}@v9", f"cannot get hub repo {REPO}@v9"),
     (f"{REPO}/layer_7", f"hub repo {REPO} has no folder layer_7"),
+    ("diffkit-test/no-saes", "no SAE files in diffkit-test/no-saes"),
 ])
 def test_bad_hub_sources_fail_in_one_line_and_write_nothing(hub_cache, tmp_path, source, message):
     done = run_offline(["grid", "--saes", source, "--preset", "toy"], hub_cache, tmp_path)
