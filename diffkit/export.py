@@ -52,7 +52,7 @@ def run_export(cfg: ExportConfig) -> dict:
     for entry in run.saes:  # convert everything before writing anything: a bad SAE leaves no folder behind
         _, sae = run.sae(entry.layer, entry.k)
         if cfg.format == "saelens":
-            files[entry.path.name] = to_saelens(sae, provenance(run, entry))
+            files[entry.path.name] = to_saelens(raw_space_weights(sae), float(sae.threshold), provenance(run, entry))
         else:
             files[entry.path.name] = dictionary_learning_files(sae, provenance(run, entry))
 

@@ -218,7 +218,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BatchTopKS
         from diffkit.saelens import SAELENS_WEIGHTS, read_saelens
 
         if (path / SAELENS_WEIGHTS).is_file():
-            return read_saelens(path).to(device)
+            state, config = read_saelens(path)
+            return _sae_from_state(state, config, path / SAELENS_WEIGHTS).to(device)
         for name in (WEIGHTS_NAME, DICT_LEARNING_WEIGHTS):
             if (path / name).is_file():
                 return load_sae(path / name, device)

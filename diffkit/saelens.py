@@ -1,7 +1,7 @@
 """SAELens's file format (`cfg.json` + `sae_weights.safetensors`, JumpReLU architecture), both ways.
 
 A diffkit SAE in threshold mode is a JumpReLU SAE whose thresholds are all equal: its scalar
-normaliser folds into the weights (`raw_space_weights`), and the inference threshold becomes every
+normaliser folds into the weights (`diffkit.sae.raw_space_weights`), and the inference threshold becomes every
 latent's threshold. SAELens then encodes raw `ft − base` vectors to diffkit's latents.
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from diffkit.errors import DiffkitError
-from diffkit.sae import BatchTopKSAE, SAEFileError, raw_space_weights
 
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -33,16 +32,17 @@ def saelens_layer(config: dict) -> int | None:
     return int(m[1]) if m else None
 
 
-def to_saelens(sae: BatchTopKSAE, metadata: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(cfg.json contents, state dict) of a SAELens JumpReLU SAE equal to `sae` in threshold mode on raw inputs."""
-    if float(sae.threshold) < 0:
+def to_saelens(weights: dict[str, torch.Tensor], threshold: float, metadata: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg.json contents, state dict) of a SAELens JumpReLU SAE from raw-space weights
+    (`diffkit.sae.raw_space_weights`) and diffkit's inference threshold."""
+    if threshold < 0:
         raise DiffkitError("this SAE has no inference threshold yet (its training stopped before the threshold "
                            "warm-up); train longer before exporting it")
-    w = raw_space_weights(sae)
+    dict_size, activation_dim = weights["encoder.weight"].shape
     cfg = {
         "architecture": "jumprelu",
-        "d_in": sae.activation_dim,
-        "d_sae": sae.dict_size,
+        "d_in": activation_dim,
+        "d_sae": dict_size,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -51,29 +51,30 @@ def to_saelens(sae: BatchTopKSAE, metadata: dict) -> tuple[dict, dict[str, torch
         "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "prepend_bos": True, **metadata},
     }
     tensors = {
-        "W_enc": w["encoder.weight"].T.contiguous(),
-        "b_enc": w["encoder.bias"].contiguous(),
-        "W_dec": w["decoder.weight"].T.contiguous(),
-        "b_dec": w["b_dec"].contiguous(),
-        "threshold": torch.full((sae.dict_size,), float(sae.threshold)),
+        "W_enc": weights["encoder.weight"].T.contiguous(),
+        "b_enc": weights["encoder.bias"].contiguous(),
+        "W_dec": weights["decoder.weight"].T.contiguous(),
+        "b_dec": weights["b_dec"].contiguous(),
+        "threshold": torch.full((dict_size,), float(threshold)),
     }
     return cfg, tensors
 
 
-def read_saelens(folder: Path) -> BatchTopKSAE:
-    """A SAELens JumpReLU (one threshold for all latents) or standard ReLU SAE, as a diffkit SAE on raw inputs."""
+def read_saelens(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A SAELens JumpReLU (one threshold for all latents) or standard ReLU SAE as a diffkit state dict
+    (identity normaliser: it works on raw inputs) and its config, for `diffkit.sae.load_sae`."""
     from safetensors.torch import load_file
 
     try:
         cfg = json.loads((folder / SAELENS_CONFIG).read_text())
         state = load_file(str(folder / SAELENS_WEIGHTS))
     except FileNotFoundError as e:
-        raise SAEFileError(f"{folder} is not a SAELens SAE: no {Path(e.filename).name}") from None
+        raise DiffkitError(f"{folder} is not a SAELens SAE: no {Path(e.filename).name}") from None
     except Exception as e:  # JSON and safetensors raise several types for a damaged file
-        raise SAEFileError(f"cannot read the SAELens SAE in {folder}: {' '.join(str(e).split())[:200]}") from None
+        raise DiffkitError(f"cannot read the SAELens SAE in {folder}: {' '.join(str(e).split())[:200]}") from None
     architecture = cfg.get("architecture", "standard")
     if architecture not in ("jumprelu", "standard") or cfg.get("normalize_activations", "none") != "none":
-        raise SAEFileError(f"{folder}: SAELens architecture {architecture!r} with normalize_activations "
+        raise DiffkitError(f"{folder}: SAELens architecture {architecture!r} with normalize_activations "
                            f"{cfg.get('normalize_activations')!r}; diffkit reads jumprelu or standard without normalisation")
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
@@ -81,23 +82,20 @@ def read_saelens(folder: Path) -> BatchTopKSAE:
         shapes["threshold"] = (d_sae,)
     for name, shape in shapes.items():
         if name not in state:
-            raise SAEFileError(f"{folder / SAELENS_WEIGHTS}: missing {name}")
+            raise DiffkitError(f"{folder / SAELENS_WEIGHTS}: missing {name}")
         if tuple(state[name].shape) != shape:
-            raise SAEFileError(f"{folder / SAELENS_WEIGHTS}: {name} has shape {tuple(state[name].shape)}, expected {shape}")
+            raise DiffkitError(f"{folder / SAELENS_WEIGHTS}: {name} has shape {tuple(state[name].shape)}, expected {shape}")
     threshold = state.get("threshold", torch.zeros(d_sae)).float()
     if not torch.all(threshold == threshold[0]):
-        raise SAEFileError(f"{folder}: the latents have different JumpReLU thresholds; diffkit's BatchTopK SAE has one")
+        raise DiffkitError(f"{folder}: the latents have different JumpReLU thresholds; diffkit's BatchTopK SAE has one")
+    w_enc, b_dec = state["W_enc"].float().T.contiguous(), state["b_dec"].float()
+    # SAELens subtracts b_dec from the input only when apply_b_dec_to_input; diffkit always does.
+    b_enc = state["b_enc"].float() if cfg.get("apply_b_dec_to_input", True) else state["b_enc"].float() + w_enc @ b_dec
     # Threshold mode needs no k; one the file records keeps a round trip exact, else any valid value does.
     k = int((cfg.get("metadata") or {}).get("k") or d_sae)
-    sae = BatchTopKSAE(d_in, d_sae, k)
-    with torch.no_grad():
-        w_enc = state["W_enc"].float().T
-        sae.encoder.weight.copy_(w_enc)
-        b_dec = state["b_dec"].float()
-        # SAELens subtracts b_dec from the input only when apply_b_dec_to_input; diffkit always does.
-        b_enc = state["b_enc"].float() if cfg.get("apply_b_dec_to_input", True) else state["b_enc"].float() + w_enc @ b_dec
-        sae.encoder.bias.copy_(b_enc)
-        sae.decoder.weight.copy_(state["W_dec"].float().T)
-        sae.b_dec.copy_(b_dec)
-        sae.threshold.fill_(max(float(threshold[0]), 0.0))  # relu(pre)·(pre > θ) is relu(pre) for any θ ≤ 0
-    return sae
+    diffkit_state = {
+        "encoder.weight": w_enc, "encoder.bias": b_enc, "decoder.weight": state["W_dec"].float().T.contiguous(),
+        "b_dec": b_dec, "k": torch.tensor(k, dtype=torch.int32),
+        "threshold": torch.tensor(max(float(threshold[0]), 0.0)),  # relu(pre)·(pre > θ) is relu(pre) for any θ ≤ 0
+    }
+    return diffkit_state, {"activation_dim": d_in, "dict_size": d_sae, "k": k}
