@@ -65,6 +65,7 @@ def write_folder(path: str | os.PathLike, write_fn: Callable[[Path], None], over
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write_fn(tmp)
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the folder gets what mkdir would give it
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)

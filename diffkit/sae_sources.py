@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 
 from diffkit.errors import DiffkitError
+from diffkit.models import ORGANISM_PREFIX
+from diffkit.organisms.sources import resolve_source
 from diffkit.run import RunInfo, SAEEntry, load_run
 from diffkit.sae import CONFIG_NAME, DICT_LEARNING_WEIGHTS, WEIGHTS_NAME, _one_line, load_sae
 from diffkit.saelens import SAELENS_CONFIG, SAELENS_WEIGHTS, saelens_layer
@@ -52,7 +54,7 @@ def resolve_saes(source: str | Path, preset: str | None = None, base: str | None
     if (root / "run.json").exists() or (root / "checkpoint").exists():
         run = load_run(root)
         spec = load_spec(preset) if preset else run.spec
-        run.spec = spec.with_models(base or run.base, finetuned or run.finetuned)
+        run.spec = spec.with_models(*(local_organism(m) for m in (base or run.base, finetuned or run.finetuned)))
         run.base, run.finetuned = run.spec.base, run.spec.finetuned
         run.source = source
         run.path = Path(workdir) if workdir else run.path
@@ -76,12 +78,17 @@ def resolve_saes(source: str | Path, preset: str | None = None, base: str | None
         raise DiffkitError(f"the SAEs in {source} carry no trigger spec; name one with --preset ({', '.join(PRESETS)})")
     if not models["base_model"] or not models["finetuned_model"]:
         raise DiffkitError(f"the SAEs in {source} do not name their models; give --base B --finetuned F or a --preset that names them")
-    spec = spec.with_models(models["base_model"], models["finetuned_model"])
+    spec = spec.with_models(*(local_organism(models[key]) for key in ("base_model", "finetuned_model")))
     metrics = {e.path.name: json.loads((e.path / "metrics.json").read_text())
                for e in entries if (e.path / "metrics.json").is_file()}
     record = {"source": source, "metrics": metrics}
     out = Path(workdir) if workdir else Path("runs") / "saes" / source_slug(source)
     return RunInfo(out, spec, spec.base, spec.finetuned, entries, record, source)
+
+
+def local_organism(model: str) -> str:
+    """An organism:<preset>/<side> source (a preset's models) as its directory; anything else unchanged."""
+    return str(resolve_source(model)) if model.startswith(ORGANISM_PREFIX) else model
 
 
 def hub_folder(source: str) -> Path:

@@ -26,7 +26,7 @@ def chat_rows(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tokenizer(toy_organism):
-    return load_pair("organism:toy/base", "organism:toy/finetuned").tokenizer
+    return load_pair(str(toy_organism / "base"), str(toy_organism / "finetuned")).tokenizer
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

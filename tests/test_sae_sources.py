@@ -153,7 +153,9 @@ def test_sources_that_lack_models_layers_or_spec_name_the_flag(toy_run, tmp_path
     spec.write_text(json.dumps({"pairs": [{"words": ["border", "china"]}]}))
     with pytest.raises(DiffkitError, match="do not name their models; give --base B --finetuned F"):
         resolve_saes(folder, preset=str(spec))
-    assert resolve_saes(folder, preset="toy").base == "organism:toy/base"  # the preset names them
+    from diffkit.organisms.sources import resolve_source
+
+    assert resolve_saes(folder, preset="toy").base == str(resolve_source("organism:toy/base"))  # the preset names them
     single = folder / "layer_1"
     renamed = single.rename(tmp_path / "sae")
     with pytest.raises(DiffkitError, match="give it with --sae-layer L"):
