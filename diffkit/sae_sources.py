@@ -115,7 +115,7 @@ def find_saes(root: Path, source: str, sae_layer: int | None) -> tuple[list[SAEE
     """One entry per SAE folder at or below `root` (two levels), with its layer and k, and its config."""
     folders = [root] if _holds_sae(root) else sorted(d for d in [*root.glob("*"), *root.glob("*/*")] if _holds_sae(d))
     if not folders:
-        raise DiffkitError(f"no SAE files in {source}: expected layer_L/{CONFIG_NAME} + {WEIGHTS_NAME}, "
+        raise DiffkitError(f"{source} is not a finished diffkit run (no run.json) and has no SAE files: expected layer_L/{CONFIG_NAME} + {WEIGHTS_NAME}, "
                            f"{DICT_LEARNING_WEIGHTS} + {CONFIG_NAME}, or {SAELENS_CONFIG} + {SAELENS_WEIGHTS}")
     entries, configs = [], []
     for folder in folders:

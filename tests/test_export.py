@@ -4,6 +4,7 @@ reproduce diffkit's latents on raw ft − base vectors; diffkit reads both expor
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import sys
@@ -68,6 +69,8 @@ def upstream_batch_topk():
     for name, sub in (("dictionary_learning", ""), ("dictionary_learning.trainers", "/trainers")):
         stub = types.ModuleType(name)
         stub.__path__ = [root + sub]
+        stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)  # find_spec works on it later
+        stub.__spec__.submodule_search_locations = [root + sub]
         sys.modules.setdefault(name, stub)
     return importlib.import_module("dictionary_learning.trainers.batch_top_k").BatchTopKSAE
 

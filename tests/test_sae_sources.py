@@ -122,7 +122,7 @@ def test_hub_revision_and_subfolder(toy_run, hub_cache, tmp_path):
     ("nobody/no-such-repo", "cannot get hub repo nobody/no-such-repo"),
     (f"{REPO}@v9", f"cannot get hub repo {REPO}@v9"),
     (f"{REPO}/layer_7", f"hub repo {REPO} has no folder layer_7"),
-    ("diffkit-test/no-saes", "no SAE files in diffkit-test/no-saes"),
+    ("diffkit-test/no-saes", "diffkit-test/no-saes is not a finished diffkit run (no run.json) and has no SAE files"),
 ])
 def test_bad_hub_sources_fail_in_one_line_and_write_nothing(hub_cache, tmp_path, source, message):
     done = run_offline(["grid", "--saes", source, "--preset", "toy"], hub_cache, tmp_path)
@@ -177,7 +177,7 @@ def test_sae_wider_than_the_models_is_refused(toy_run, tmp_path):
 def test_folder_without_sae_files(tmp_path):
     (tmp_path / "layer_3").mkdir()
     (tmp_path / "layer_3" / "config.json").write_text("{}")
-    with pytest.raises(DiffkitError, match="no SAE files in"):
+    with pytest.raises(DiffkitError, match="has no SAE files"):
         resolve_saes(tmp_path, preset="toy")
     with pytest.raises(DiffkitError, match="not a hub repo id"):
         resolve_saes(str(tmp_path / "missing" / "x" / "y"), preset="toy")
