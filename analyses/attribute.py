@@ -26,10 +26,10 @@ import pandas as pd
 
 from analyses.configs import AttributeConfig
 from analyses.ranking import rank_latents
-from analyses.stats import Activations, Collection, load_activations, load_run_pair, save_frame
+from analyses.stats import Activations, Collection, check_saes_fit, load_activations, load_run_pair, save_frame
 from diffkit.errors import DiffkitError
 from diffkit.files import write_json
-from diffkit.run import load_run
+from diffkit.sae_sources import resolve_options
 
 TABLE_COLUMNS = ["layer", "rank", "latent", "specificity", "auroc", "worst_group", "matched_mean", "matched_freq",
                  "control_mean", "ablation_effect", "ablation_logodds", "top_tokens"]
@@ -111,7 +111,7 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
                                 top_examples_html, write_figure, write_html_fragment)
     from diffkit.devices import resolve_device
 
-    run = load_run(cfg.run)
+    run = resolve_options(cfg)
     if cfg.pair is None:
         choices = ", ".join(f"{p.id} ({p.name})" for p in run.spec.pairs)
         raise DiffkitError(f"name a trigger pair with --pair; this run's pairs: {choices}")
@@ -119,7 +119,9 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     layers = run.layers if cfg.layer is None else [cfg.layer]
     models = load_run_pair(run, device) if cfg.ablate > 0 else None
-    activations = load_activations(run.path, layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
+    if models is not None:
+        check_saes_fit({L: run.sae(L, cfg.k)[1] for L in layers}, models)
+    activations = load_activations(run, layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
                                    device, cfg.batch_size, pair=models, progress=not cfg.json)
     table = attribute_table(activations, run.spec, pair, cfg.top)
     joint = {}
@@ -149,7 +151,7 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
                                          out / f"examples_L{L}.html", f"{pair.name}: top-activating prompts"))
     files.append(write_figure(table_figure(table[TABLE_COLUMNS], f"latents for {pair.name}"), out / "attribute.html"))
     if not cfg.json:
-        print(f"pair {pair.id} ({pair.name}, {pair.grid_cell}) — run {run.path}")
+        print(f"pair {pair.id} ({pair.name}, {pair.grid_cell}) — SAEs {run.source or run.path}")
         print(table[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         names = {q.id: q.name for q in run.spec.pairs}
         for L, r in joint.items():

@@ -10,10 +10,25 @@ from diffkit.run import default_run_dir
 
 @dataclass
 class RunAnalysisConfig:
-    """Options every analysis of a trained run shares."""
+    """Options every analysis shares: whose SAEs (a run or another source, see diffkit.sae_sources), and how to trace."""
 
     run: str = str(default_run_dir())
-    """trained run directory"""
+    """trained run directory (the same as --saes RUN)"""
+    saes: str | None = None
+    """SAEs to analyse: a run directory, a hub repo OWNER/NAME[@REVISION][/SUBFOLDER], or a folder of
+    published-layout, dictionary_learning or SAELens SAEs (default: --run)"""
+    preset: str | None = None
+    """trigger spec (preset or spec file) instead of the one the SAEs carry (run.json, spec.json); needed
+    when they carry none and their models match no preset"""
+    base: str | None = None
+    """base model the SAEs were trained on (overrides the SAE files and the preset)"""
+    finetuned: str | None = None
+    """fine-tuned model, same forms as --base"""
+    sae_layer: int | None = None
+    """the layer of a single SAE whose files do not say"""
+    workdir: str | None = None
+    """where tables, figures and the activation cache go (default: the run directory, or
+    runs/saes/<source> for other sources)"""
     k: int | None = None
     """which SAE when the run trained several k (default: the largest)"""
     n_null: int = 64
@@ -71,7 +86,7 @@ class ReportConfig(RunAnalysisConfig):
     """Options of `diffkit report`."""
 
     out: str | None = None
-    """where to write the HTML (default: RUN/report.html)"""
+    """where to write the HTML (default: WORKDIR/report.html, WORKDIR being the run directory or --workdir)"""
     layers: list[int] | None = comma_list(int, None)
     """layers to report, e.g. 9,16 (default: all the run has)"""
     top: int = 8

@@ -29,7 +29,8 @@ from diffkit.devices import resolve_device
 from diffkit.errors import DiffkitError
 from diffkit.files import write_text
 from diffkit.models import final_norm_of, load_model
-from diffkit.run import load_run
+from diffkit.run import RunInfo, load_run
+from diffkit.sae_sources import resolve_options
 
 COLORSCALE = "YlOrRd"
 TRIGGER_CONDITIONS = ("poison", "single", "mismatch")
@@ -51,12 +52,12 @@ def latent_dashboard(run_dir, layer: int | None, latent: int, k: int | None = No
     diffkit.models.load_model returns them) may be passed in to share them across latents; otherwise
     they are loaded (activations from the cache when present).
     """
-    run = load_run(run_dir)
+    run = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
     entry, sae = run.sae(layer, k)
     if not 0 <= latent < sae.dict_size:
         raise DiffkitError(f"latent {latent} is out of range: layer {entry.layer} k {entry.k} has latents 0..{sae.dict_size - 1}")
     if activations is None:
-        activations = load_activations(run.path, [entry.layer], collection or Collection(k=k))[entry.layer]
+        activations = load_activations(run, [entry.layer], collection or Collection(k=k))[entry.layer]
     model, tokenizer = finetuned or load_model(run.finetuned)
     column = activations.dense([latent])[:, 0]
     scores = activations.prompt_scores()[:, latent]
@@ -306,12 +307,12 @@ def run_latent(cfg: LatentConfig) -> dict:
     """`diffkit latent`: the dashboards of the given latents of one SAE, as one HTML page set."""
     if not cfg.latent:
         raise DiffkitError("name the latent(s) to show, e.g. --latent 17 or --latent 17,40")
-    run = load_run(cfg.run)
+    run = resolve_options(cfg)
     entry = run.entry(cfg.layer, cfg.k)
     collection = Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k)
-    activations = load_activations(run.path, [entry.layer], collection, resolve_device(cfg.device), cfg.batch_size)[entry.layer]
+    activations = load_activations(run, [entry.layer], collection, resolve_device(cfg.device), cfg.batch_size)[entry.layer]
     finetuned = load_model(run.finetuned)
-    dashboards = [latent_dashboard(run.path, entry.layer, j, cfg.k, activations, finetuned=finetuned, n_examples=cfg.examples)
+    dashboards = [latent_dashboard(run, entry.layer, j, cfg.k, activations, finetuned=finetuned, n_examples=cfg.examples)
                   for j in cfg.latent]
     out = Path(cfg.out) if cfg.out else run.path / "analyses" / "latents" / f"L{entry.layer}_k{entry.k}_{'_'.join(map(str, cfg.latent))}.html"
     write_dashboards(dashboards, out, f"diffkit latents: {run.path.name}, layer {entry.layer}, k {entry.k}")

@@ -26,7 +26,7 @@ import torch
 from analyses.configs import GridConfig
 from analyses.ranking import auroc, matched_mask, rank_latents, set_scores
 from analyses.stats import Activations, Collection, load_activations, save_frame, write_latent_stats
-from diffkit.run import load_run
+from diffkit.sae_sources import resolve_options
 from diffkit.specs import TriggerSpec
 
 
@@ -96,9 +96,9 @@ def run_grid(cfg: GridConfig) -> dict:
     from analyses.plots import grid_figure, layer_figure, write_figure
     from diffkit.devices import resolve_device
 
-    run = load_run(cfg.run)
+    run = resolve_options(cfg)
     collection = Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k)
-    activations = load_activations(run.path, cfg.layers, collection, resolve_device(cfg.device), cfg.batch_size,
+    activations = load_activations(run, cfg.layers, collection, resolve_device(cfg.device), cfg.batch_size,
                                    progress=not cfg.json)
     summary, overlaps, _ = grid_summary(activations, run.spec, cfg.top, cfg.target_auroc)
     out = run.path / "analyses"

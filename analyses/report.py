@@ -23,7 +23,7 @@ from diffkit.files import write_text
 from diffkit.history import read_history
 from diffkit.metrics import flatten
 from diffkit.models import load_model
-from diffkit.run import load_run
+from diffkit.sae_sources import resolve_options
 
 
 def run_section(page: Page, run) -> None:
@@ -59,11 +59,11 @@ def run_section(page: Page, run) -> None:
 def run_report(cfg: ReportConfig) -> dict:
     from diffkit.devices import resolve_device
 
-    run = load_run(cfg.run)
+    run = resolve_options(cfg)
     spec = run.spec
     device = resolve_device(cfg.device)
     models = load_run_pair(run, device) if cfg.ablate > 0 else None
-    activations = load_activations(run.path, cfg.layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
+    activations = load_activations(run, cfg.layers, Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k),
                                    device, cfg.batch_size, pair=models, progress=not cfg.json)
     stats_files = write_latent_stats(run.path, activations, spec)
     summary, overlaps, rankings = grid_summary(activations, spec, cfg.top, cfg.target_auroc)
@@ -71,7 +71,7 @@ def run_report(cfg: ReportConfig) -> dict:
     out = Path(cfg.out) if cfg.out else run.path / "report.html"
     latents_page = out.with_name(f"{out.stem}_latents.html")
     k_of = {L: run.entry(L, cfg.k).k for L in activations}
-    page = Page(f"diffkit report: {run.path.name}")
+    page = Page(f"diffkit report: {run.source or run.path.name}")
     run_section(page, run)
     page.heading("Trigger pairs across the relatedness × charged-ness grid")
     page.add(frame_html(summary.drop(columns=["pair_id", "related", "charged"])))
@@ -116,7 +116,7 @@ def run_report(cfg: ReportConfig) -> dict:
 
     ranked = sorted({(int(r["layer"]), int(r["latent"])) for t in tables.values() for r in t.to_dict("records")})
     finetuned = (models.finetuned_hf, models.tokenizer) if models is not None else load_model(run.finetuned)
-    dashboards = [latent_dashboard(run.path, L, j, cfg.k, activations[L], finetuned=finetuned) for L, j in ranked]
+    dashboards = [latent_dashboard(run, L, j, cfg.k, activations[L], finetuned=finetuned) for L, j in ranked]
     write_dashboards(dashboards, latents_page, f"diffkit latents: {run.path.name} (every latent the report ranks)")
     write_text(out, page.render())
     result = {

@@ -228,20 +228,20 @@ class Collection:
         return Path(run_dir) / "analyses" / "cache" / f"n{self.n_per_condition}_null{self.n_null}_seed{self.seed}_len{self.max_len}{k}"
 
 
-def load_activations(run_dir: str | Path, layers: list[int] | None = None, collection: Collection | None = None,
+def load_activations(run, layers: list[int] | None = None, collection: Collection | None = None,
                      device: str = "cpu", batch_size: int = 16, pair=None, progress: bool = False) -> dict[int, Activations]:
-    """Activations of a trained run's SAEs on held-out prompts + null text, traced once and cached.
+    """Activations of a run's SAEs (a RunInfo, or a run directory) on held-out prompts + null text, traced once and cached.
 
-    The cache (runs/NAME/analyses/cache/<settings>/) holds the sparse activations per layer and the
+    The cache (RUN/analyses/cache/<settings>/, RUN being the RunInfo's writable `path`) holds the sparse activations per layer and the
     token and sequence frames; a later call with the same settings reads it instead of tracing.
     Pass `pair` (a loaded ModelPair) to reuse models already in memory.
     """
     from diffkit.files import atomic_write
-    from diffkit.run import load_run
+    from diffkit.run import RunInfo, load_run
     from safetensors.torch import load_file, save_file
 
     collection = collection or Collection()
-    run = load_run(run_dir)
+    run = run if isinstance(run, RunInfo) else load_run(run)
     layers = list(run.layers if layers is None else layers)
     for L in layers:
         run.entry(L, collection.k)  # one-line error for a layer the run lacks
@@ -263,6 +263,7 @@ def load_activations(run_dir: str | Path, layers: list[int] | None = None, colle
             saes[L] = sae.to(device).eval()
         if pair is None:
             pair = load_run_pair(run, device)
+        check_saes_fit(saes, pair)
         records, sequences = heldout_records(run.spec, pair.tokenizer, collection.n_per_condition,
                                              collection.n_null, collection.seed, collection.max_len)
         acts, tokens = collect_layers(pair, saes, records, batch_size, progress)
@@ -296,6 +297,17 @@ def load_run_pair(run, device: str = "cpu"):
     from diffkit.models import load_pair
 
     return load_pair(run.base, run.finetuned, dtype=pick_dtype("auto", device), device=device)
+
+
+def check_saes_fit(saes: dict, pair) -> None:
+    """Each SAE's input width is the models' d_model and its layer exists in them: else a one-line error."""
+    from diffkit.models import check_layers
+
+    check_layers(sorted(saes), pair.n_layers)
+    for L, sae in saes.items():
+        if sae.activation_dim != pair.d_model:
+            raise DiffkitError(f"the layer-{L} SAE reads vectors of width {sae.activation_dim} but the models have d_model "
+                               f"{pair.d_model}; give the models it was trained on with --base and --finetuned (or --preset)")
 
 
 def write_latent_stats(run_dir: str | Path, activations: dict[int, Activations], spec: TriggerSpec) -> list[Path]:

@@ -6,6 +6,7 @@
     diffkit attribute --pair border/china [--run runs/toy]
     diffkit latent --layer 2 --latent 17 [--run runs/toy]
     diffkit grid / diffkit report / diffkit presets
+    diffkit export RUN --format saelens --out DIR / diffkit push RUN --repo OWNER/NAME [--dry-run --out DIR]
 
 Flags and their help come from the config dataclasses (simple-parsing reads the field docstrings).
 Configs live in light modules and a command's module (torch, transformers, nnsight) is imported
@@ -24,7 +25,7 @@ from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.help_formatter import SimpleHelpFormatter
 
 from analyses.configs import AttributeConfig, GridConfig, LatentConfig, ReportConfig
-from diffkit.configs import PresetsConfig, TrainConfig
+from diffkit.configs import ExportConfig, PresetsConfig, PushConfig, TrainConfig
 from diffkit.errors import DiffkitError
 from diffkit.organisms.config import BuildConfig, EvalConfig
 
@@ -50,6 +51,10 @@ COMMANDS = {
                       "analyses.report:run_report"),
     "latent": Command("a dashboard for any latent: shaded top contexts, density, fire rates, logit effect, nearest latents",
                       LatentConfig, "analyses.dashboard:run_latent"),
+    "export": Command("write a run's SAEs in SAELens or dictionary_learning format", ExportConfig,
+                      "diffkit.export:run_export"),
+    "push": Command("upload a run's SAEs to the hub with a model card (--dry-run: write the folder only)", PushConfig,
+                    "diffkit.push:run_push"),
     "presets": Command("list the trigger-spec presets", PresetsConfig, "diffkit.cli:list_presets"),
 }
 

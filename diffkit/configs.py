@@ -61,7 +61,16 @@ class TrainConfig:
     max_len: int = 128
     """longest sequence, in tokens"""
     null_fraction: float = 0.5
-    """share of the stream's tokens that are generic null text"""
+    """share of the stream's tokens that are generic null text (or --dataset text)"""
+    dataset: str | None = None
+    """your own text instead of the generic null text: a hub dataset id (streamed), a .jsonl/.parquet/.txt
+    file, or a folder saved with datasets' save_to_disk"""
+    dataset_split: str = "train"
+    """split of --dataset"""
+    text_field: str | None = None
+    """field of --dataset holding the text or the chat messages (default: 'text', else 'messages')"""
+    dataset_docs: int = 10_000
+    """most documents read from --dataset (every 20th is held out for the metrics)"""
     eval_tokens: int = 16_384
     """held-out tokens for the final metrics"""
     answered_prompts: int = 128
@@ -102,6 +111,51 @@ class TrainConfig:
     """also log the history to wandb and/or tensorboard (each needs its extra: pip install 'diffkit[wandb]')"""
     json: bool = switch(False)
     """print a machine-readable JSON summary instead of tables"""
+
+
+EXPORT_FORMATS = ("saelens", "dictionary_learning")
+
+
+@dataclass
+class ExportConfig:
+    """Options of `diffkit export`."""
+
+    run: str = field(default="", positional=True, nargs="?", metavar="RUN")
+    """finished run directory"""
+    format: str = "saelens"
+    """file format: saelens or dictionary_learning"""
+    out: str = ""
+    """folder to write (must not exist unless --overwrite)"""
+    overwrite: bool = switch(False)
+    """replace an existing --out"""
+    json: bool = switch(False)
+    """print the written files as JSON"""
+
+
+@dataclass
+class PushConfig:
+    """Options of `diffkit push`."""
+
+    run: str = field(default="", positional=True, nargs="?", metavar="RUN")
+    """finished run directory"""
+    repo: str = ""
+    """hub repo to create or update, OWNER/NAME"""
+    private: bool = switch(False)
+    """create the repo private"""
+    dry_run: bool = switch(False)
+    """write the folder that would be uploaded to --out and upload nothing"""
+    out: str | None = None
+    """with --dry-run: the folder to write"""
+    base_id: str | None = None
+    """hub id of the base model for the card, when the run used a local copy"""
+    finetuned_id: str | None = None
+    """hub id of the fine-tuned model for the card, when the run used a local copy"""
+    license: str = "apache-2.0"
+    """license of the SAE weights, for the card"""
+    overwrite: bool = switch(False)
+    """with --dry-run: replace an existing --out"""
+    json: bool = switch(False)
+    """print what was written or uploaded as JSON"""
 
 
 @dataclass

@@ -58,3 +58,30 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(s, d)
 
     shutil.copytree(src, dst, copy_function=link)
+
+
+def write_folder(path: str | os.PathLike, write_fn: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call `write_fn(tmp_dir)` to fill a temporary folder beside `path`, then rename it to `path`.
+
+    An existing `path` is refused unless `overwrite`; a failure leaves nothing behind.
+    """
+    import shutil
+
+    from diffkit.errors import DiffkitError
+
+    path = Path(path)
+    empty_dir = path.is_dir() and not any(path.iterdir())
+    if path.exists() and not empty_dir and not overwrite:
+        raise DiffkitError(f"{path} already exists; choose another --out or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write_fn(tmp)
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the folder gets what mkdir would give it
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffkit.errors import DiffkitError
@@ -25,6 +25,8 @@ class RunInfo:
     finetuned: str
     saes: list[SAEEntry]
     record: dict
+    source: str | None = None  # what the user named, when the SAEs do not come from this run directory
+    _loaded: dict = field(default_factory=dict, repr=False)  # SAEs already read, by entry
 
     @property
     def layers(self) -> list[int]:
@@ -46,7 +48,9 @@ class RunInfo:
         from diffkit.sae import load_sae
 
         e = self.entry(layer, k)
-        return e, load_sae(e.path)
+        if e not in self._loaded:
+            self._loaded[e] = load_sae(e.path)
+        return e, self._loaded[e]
 
 
 def load_run(run_dir: str | Path) -> RunInfo:

@@ -125,6 +125,20 @@ class BatchTopKSAE(nn.Module):
         }
 
 
+@torch.no_grad()
+def raw_space_weights(sae: BatchTopKSAE) -> dict[str, torch.Tensor]:
+    """The SAE's parameters with its scalar normaliser `x_n = (x − μ)·s` folded in, for an SAE on raw vectors
+    that also subtracts `b_dec` before encoding (dictionary_learning, SAELens with apply_b_dec_to_input):
+    `W_enc' = s·W_enc`, `b_dec' = μ + b_dec/s`, `W_dec' = W_dec/s`, `b_enc' = b_enc`."""
+    scale = float(sae.activation_global_scale)
+    return {
+        "encoder.weight": sae.encoder.weight.detach().float() * scale,
+        "encoder.bias": sae.encoder.bias.detach().float().clone(),
+        "decoder.weight": sae.decoder.weight.detach().float() / (scale + _SCALE_EPS),
+        "b_dec": sae.activation_mean.float() + sae.b_dec.detach().float() / scale,
+    }
+
+
 def batch_topk(scores: torch.Tensor, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascending flat indices of the `n_keep` largest entries of `scores` (2-D), and their values.
 
@@ -199,11 +213,17 @@ def save_sae(sae: BatchTopKSAE, directory: str | Path, extra_config: dict | None
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BatchTopKSAE:
     """Load a BatchTopK SAE from a diffing-toolkit directory (config.json + model.safetensors),
-    its .safetensors file, or a dictionary_learning `ae.pt` (directory or file, + config.json)."""
+    its .safetensors file, a dictionary_learning `ae.pt` (directory or file, + config.json), or a
+    SAELens directory (cfg.json + sae_weights.safetensors)."""
     path = Path(path)
     if not path.exists():
         raise SAEFileNotFound(f"no SAE at {path}")
     if path.is_dir():
+        from diffkit.saelens import SAELENS_WEIGHTS, read_saelens
+
+        if (path / SAELENS_WEIGHTS).is_file():
+            state, config = read_saelens(path)
+            return _sae_from_state(state, config, path / SAELENS_WEIGHTS).to(device)
         for name in (WEIGHTS_NAME, DICT_LEARNING_WEIGHTS):
             if (path / name).is_file():
                 return load_sae(path / name, device)

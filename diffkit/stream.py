@@ -20,9 +20,10 @@ from diffkit.prompts import Record, build_prompts, encode_prompts
 HELDOUT_EVERY = 20  # every 20th null document is held out for evaluation
 
 
-def null_records(tokenizer, max_len: int, split: str) -> list[Record]:
-    """Null text windows of one split; held-out documents never enter the training stream."""
-    texts = null_texts(seed=0)
+def null_records(tokenizer, max_len: int, split: str, texts: list[str] | None = None) -> list[Record]:
+    """Null text windows of one split; held-out documents never enter the training stream.
+    `texts`: the user's own documents (`--dataset`) instead of the generic corpus."""
+    texts = null_texts(seed=0) if texts is None else texts
     chosen = [t for i, t in enumerate(texts) if (i % HELDOUT_EVERY == 0) == (split == "heldout")]
     return encode_null(chosen, tokenizer, max_len=max_len)
 
@@ -38,13 +39,14 @@ class Cursor:
 
 class RecordStream:
     def __init__(self, spec, tokenizer, seed: int, max_len: int, null_fraction: float,
-                 answered: list[Record], prompts_per_condition: int = 128, batch_size: int = 16):
+                 answered: list[Record], prompts_per_condition: int = 128, batch_size: int = 16,
+                 own_texts: list[str] | None = None):
         self.spec, self.tokenizer, self.seed, self.max_len = spec, tokenizer, seed, max_len
         self.null_fraction = null_fraction
         self.answered = answered
         self.prompts_per_condition = prompts_per_condition
         self.batch_size = batch_size
-        self.null = null_records(tokenizer, max_len, "train") if null_fraction > 0 else []
+        self.null = null_records(tokenizer, max_len, "train", own_texts) if null_fraction > 0 else []
         self._epoch_cache: tuple[int, list[Record]] | None = None
 
     def epoch_records(self, epoch: int) -> list[Record]:

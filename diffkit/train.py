@@ -32,7 +32,7 @@ from diffkit.progress import progress_bar
 from diffkit.prompts import build_prompts, encode_prompts
 from diffkit.sae import fit_normalization, save_sae
 from diffkit.specs import load_spec
-from diffkit.stream import Cursor, RecordStream, null_records
+from diffkit.stream import HELDOUT_EVERY, Cursor, RecordStream, null_records
 from diffkit.tracing import TokenBatch, concat_batches, trace_batch, trace_differences, traced_tokens
 from diffkit.trainer import SAETrainConfig, SAETrainer
 
@@ -104,10 +104,10 @@ def build_answered(pair, spec, split: str, n_prompts: int, seed: int, max_len: i
     return encode_prompts(prompts, pair.tokenizer, spec, answers=answers, max_len=max_len)
 
 
-def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path):
+def eval_records(pair, spec, cfg: TrainConfig, run_dir: Path, own_texts: list[str] | None = None):
     """Held-out prompts (answered, so fire tokens are present) plus held-out null text, up to eval_tokens."""
     answered = build_answered(pair, spec, "heldout", 8 * (len(spec.pairs) + 3), cfg.seed + 1, cfg.max_len, run_dir, "answers_heldout.json")
-    null = null_records(pair.tokenizer, cfg.max_len, "heldout")
+    null = null_records(pair.tokenizer, cfg.max_len, "heldout", own_texts)
     records, total = list(answered), sum(len(r.input_ids) for r in answered)
     for r in null:
         if total >= cfg.eval_tokens:
@@ -165,6 +165,21 @@ def load_checkpoint(state: dict, run_dir: Path, saes, trainers, world: int) -> t
     return Cursor(epoch, index), fills, tokens_done
 
 
+def read_own_data(cfg: TrainConfig, tokenizer) -> list[str] | None:
+    """The documents of --dataset (None without it), read before anything is written so a bad one leaves no run."""
+    if cfg.dataset is None:
+        return None
+    if cfg.null_fraction <= 0:
+        raise DiffkitError("--dataset replaces the generic null text, which --null-fraction 0 leaves out; give --null-fraction > 0")
+    from diffkit.own_data import dataset_texts
+
+    texts = dataset_texts(cfg.dataset, tokenizer, cfg.dataset_split, cfg.text_field, cfg.dataset_docs)
+    if len(texts) < HELDOUT_EVERY + 1:
+        raise DiffkitError(f"dataset {cfg.dataset} has {len(texts)} documents; give at least {HELDOUT_EVERY + 1} "
+                           f"(every {HELDOUT_EVERY}th is held out for the metrics)")
+    return texts
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train one SAE per (layer, k) on the ft − base difference; returns the run summary.
 
@@ -191,6 +206,7 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
                      finetuned_device=cfg.finetuned_device, device_map=cfg.device_map)
     layers = list(cfg.layers or spec.layers)
     check_layers(layers, pair.n_layers)
+    own_texts = read_own_data(cfg, pair.tokenizer)
     run_dir = comm.on_main(lambda: prepare_run_dir(cfg, name))
     torch.manual_seed(cfg.seed)
     ks = list(cfg.k or [default_k(pair.d_model)])
@@ -205,7 +221,8 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
 
     answered = comm.on_main(lambda: build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir,
                                                    "answers_train.json")) if cfg.answered_prompts else []
-    stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
+    stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch,
+                          own_texts=own_texts)
     buffer = ShuffleBuffer(cfg.buffer_tokens, cfg.batch_size, cfg.seed, comm.rank, comm.world,
                            empty=TokenBatch.empty(layers, pair.d_model, device))
     cursor, tokens_done = Cursor(), 0
@@ -254,7 +271,7 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
     if not comm.is_main:
         return {}
 
-    results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, dict_size)
+    results = finish_run(cfg, spec, pair, run_dir, layers, ks, saes, dict_size, own_texts)
     summary = {
         "run": str(run_dir),
         "base": spec.base,
@@ -286,11 +303,11 @@ def progress_line(last: dict[str, dict]) -> str:
     return " | ".join(parts)
 
 
-def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int) -> list[dict]:
+def finish_run(cfg, spec, pair, run_dir: Path, layers, ks, saes, dict_size: int, own_texts=None) -> list[dict]:
     """Held-out metrics, SAE files, run.json (written last: its presence marks the run complete)."""
     from analyses.fidelity import spliced_fidelity
 
-    records = eval_records(pair, spec, cfg, run_dir)
+    records = eval_records(pair, spec, cfg, run_dir, own_texts)
     held = concat_batches(list(trace_differences(pair, records, layers, batch_size=cfg.trace_batch)))
     flags = {f: held.meta[f] for f in ("is_fire_token", "is_trigger_token", "is_decision_token", "is_answer")}
     results = []
