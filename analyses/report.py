@@ -8,7 +8,6 @@ shows up in a browser and in headless tests alike.
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import pandas as pd
 from plotly.offline import get_plotlyjs
@@ -89,8 +88,10 @@ def run_section(page: Page, run) -> None:
 
 def run_report(cfg: ReportConfig) -> dict:
     from diffkit.devices import resolve_device
+    from diffkit.guard import check_output_dir, check_output_file
 
     run = load_run(cfg.run)
+    out = check_output_file(cfg.out) if cfg.out else check_output_dir(run.path) / "report.html"
     spec = run.spec
     device = resolve_device(cfg.device)
     models = load_run_pair(run, device) if cfg.ablate > 0 else None
@@ -141,7 +142,6 @@ def run_report(cfg: ReportConfig) -> dict:
     page.heading("How latents are ranked")
     page.add(f"<pre class='doc'>{html.escape(RANKING_DOC.strip())}</pre>")
 
-    out = Path(cfg.out) if cfg.out else run.path / "report.html"
     write_text(out, page.render())
     result = {
         "report": str(out),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from simple_parsing.helpers import field, flag
 
+from diffkit.errors import DiffkitError
 from diffkit.specs import DEFAULT_PRESET
 
 
@@ -85,6 +86,32 @@ class TrainConfig:
     """replace an existing run in OUT/NAME"""
     json: bool = switch(False)
     """print a machine-readable JSON summary instead of tables"""
+
+    def __post_init__(self):
+        check_train_config(self)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every flag in range before anything is loaded or written: a bad value is a one-line error,
+    never a silent default or an untrained "finished" run."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise DiffkitError(message)
+
+    for name in ("tokens", "batch_size", "buffer_tokens", "trace_batch", "max_len", "eval_tokens"):
+        value = getattr(cfg, name)
+        need(isinstance(value, int) and value > 0, f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    need(cfg.answered_prompts >= 0, f"--answered-prompts must be 0 or more, got {cfg.answered_prompts}")
+    need(cfg.tokens >= cfg.batch_size, f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
+    need(cfg.buffer_tokens >= cfg.batch_size, f"--buffer-tokens ({cfg.buffer_tokens}) must hold at least one batch (--batch-size {cfg.batch_size})")
+    need(0 <= cfg.null_fraction < 1, f"--null-fraction must be in [0, 1): the stream needs trigger prompts, got {cfg.null_fraction}")
+    need(cfg.layers is None or len(cfg.layers) > 0, "--layers names no layer; give e.g. --layers 1,2 or leave it out for the preset's")
+    need(cfg.k is None or (len(cfg.k) > 0 and all(k > 0 for k in cfg.k)), f"--k must be positive integers, e.g. 32,64; got {cfg.k}")
+    need(cfg.expansion is None or cfg.expansion > 0, f"--expansion must be a positive integer, got {cfg.expansion}")
+    need(cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it; pass one of them")
+    need(cfg.name is None or (cfg.name and "/" not in cfg.name and cfg.name not in (".", "..") and not cfg.name.startswith(".")),
+         f"--name must be a plain folder name (no '/', not hidden), got {cfg.name!r}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -20,9 +21,10 @@ from tqdm.auto import tqdm
 from diffkit.buffer import ShuffleBuffer
 from diffkit.configs import TrainConfig
 from diffkit.devices import pick_dtype, resolve_device
-from diffkit.errors import DiffkitError
-from diffkit.files import atomic_write, write_json
+from diffkit.errors import DiffkitError, one_line
+from diffkit.files import atomic_write, read_torch, write_json
 from diffkit.generation import generate_answers
+from diffkit.guard import check_output_dir, finish_swap, staging_dir, swap_in, writing
 from diffkit.metrics import evaluate_sae, format_metrics_table
 from diffkit.models import ORGANISM_PREFIX, check_layers, load_pair
 from diffkit.organisms.sources import resolve_source
@@ -69,22 +71,59 @@ def sae_dirname(layer: int, k: int, ks: list[int]) -> str:
     return f"layer_{layer}" if len(ks) == 1 else f"layer_{layer}_k{k}"
 
 
-def prepare_run_dir(cfg: TrainConfig, name: str) -> Path:
-    run_dir = Path(cfg.out) / name
-    complete = (run_dir / "run.json").exists()
-    started = (run_dir / "checkpoint").exists()
+# What a run directory holds that diffkit wrote; --overwrite keeps everything else.
+RUN_FILES = re.compile(r"(run|spec|train_config|answers_\w+)\.json|checkpoint|analyses|report\.html|layer_\d+(_k\d+)?|\..+\.tmp")
+
+# Flags that do not change what a run computes: a resumed run may give them anew.
+RESUME_MAY_DIFFER = {"device", "json", "resume", "overwrite", "out", "name"}
+
+
+def written_by_diffkit(name: str) -> bool:
+    return RUN_FILES.fullmatch(name) is not None
+
+
+def prepare_run_dir(cfg: TrainConfig, final: Path) -> Path:
+    """The directory this run writes into (with the run's lock held), checked before anything is touched.
+
+    A new run writes into `final`; --overwrite builds the replacement beside it (swapped in by
+    `train` once complete, so the old run survives any failure); --resume continues whichever of the
+    two holds a checkpoint, and only with the flags it started with.
+    """
+    finish_swap(final, written_by_diffkit)
+    staging = staging_dir(final)
+    complete = (final / "run.json").exists()
     if cfg.resume:
+        for run_dir in (staging, final):
+            if (run_dir / "checkpoint").exists() and not (run_dir / "run.json").exists():
+                check_resume_flags(cfg, run_dir)
+                return run_dir
         if complete:
-            raise DiffkitError(f"{run_dir} is already complete; nothing to resume")
-        if not started:
-            raise DiffkitError(f"{run_dir} has no checkpoint to resume from; drop --resume to start it")
-    elif complete or started:
+            raise DiffkitError(f"{final} is already complete; nothing to resume")
+        raise DiffkitError(f"{final} has no checkpoint to resume from; drop --resume to start it")
+    if complete or (final / "checkpoint").exists() or staging.exists():
         if not cfg.overwrite:
             what = "a finished run" if complete else "an interrupted run (continue it with --resume)"
-            raise DiffkitError(f"{run_dir} already holds {what}; pass --overwrite or choose another --name")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+            raise DiffkitError(f"{final} already holds {what}; pass --overwrite or choose another --name")
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier replacement that never finished
+        staging.mkdir(parents=True)
+        return staging
+    final.mkdir(parents=True, exist_ok=True)
+    return final
+
+
+def check_resume_flags(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a resume whose result-changing flags differ from the checkpoint's, naming them."""
+    path = run_dir / "train_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DiffkitError(f"cannot read {path} ({one_line(e)}); start over with --overwrite") from None
+    current = asdict(cfg)
+    defaults = asdict(TrainConfig())
+    differ = [name for name in current if name not in RESUME_MAY_DIFFER and saved.get(name, defaults[name]) != current[name]]
+    if differ:
+        flags = ", ".join(f"--{n.replace('_', '-')} {saved.get(n, defaults[n])!r} (now {current[n]!r})" for n in differ)
+        raise DiffkitError(f"{run_dir} was started with {flags}; resume with the flags in {path} or start over with --overwrite")
 
 
 def build_answered(pair, spec, split: str, n_prompts: int, seed: int, max_len: int, run_dir: Path, cache_name: str):
@@ -126,9 +165,9 @@ def save_checkpoint(run_dir: Path, saes, trainers, cursor: Cursor, fills: int, t
 def load_checkpoint(run_dir: Path, saes, trainers) -> tuple[Cursor, int, int]:
     path = run_dir / "checkpoint" / "state.pt"
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise DiffkitError(f"cannot read checkpoint {path} ({e}); start over with --overwrite") from None
+        state = read_torch(path, "checkpoint")
+    except DiffkitError as e:
+        raise DiffkitError(f"{e}, or start over with --overwrite") from None
     try:
         for key, sae in saes.items():
             sae.load_state_dict(state[f"sae/{key}"])
@@ -145,29 +184,44 @@ def train(cfg: TrainConfig) -> dict:
     """Train one SAE per (layer, k) on the ft − base difference; returns the run summary."""
     started = time.time()
     spec = load_spec(cfg.preset).with_models(cfg.base, cfg.finetuned)
+    for side in ("base", "finetuned"):
+        if not getattr(spec, side):
+            raise DiffkitError(f"spec '{spec.name}' names no {side} model; add `{side}:` to it or pass --{side}")
     # the run records the organism build it was trained on, not a name a later recipe would reuse
     spec = spec.with_models(*(str(resolve_source(s)) if s.startswith(ORGANISM_PREFIX) else s
                               for s in (spec.base, spec.finetuned)))
     name = cfg.name or spec.name
     device = resolve_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
-    if cfg.tokens < cfg.batch_size:
-        raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
+    final_dir = check_output_dir(cfg.out) / name
 
-    pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device)
-    layers = list(cfg.layers or spec.layers)
-    check_layers(layers, pair.n_layers)
-    run_dir = prepare_run_dir(cfg, name)
-    torch.manual_seed(cfg.seed)
-    ks = list(cfg.k or [default_k(pair.d_model)])
-    dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
-    total_steps = cfg.tokens // cfg.batch_size
+    with writing(final_dir, "the run"):
+        pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device)
+        layers = check_layers(spec.layers if cfg.layers is None else cfg.layers, pair.n_layers)
+        ks = list(cfg.k or [default_k(pair.d_model)])
+        dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
+        torch.manual_seed(cfg.seed)
+        trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, cfg.tokens // cfg.batch_size), device)
+                    for L in layers for k in ks}
+        saes = {key: tr.sae for key, tr in trainers.items()}
+        run_dir = prepare_run_dir(cfg, final_dir)  # the first write, once everything above is known to be sound
+        summary = train_into(cfg, spec, pair, run_dir, layers, ks, dict_size, trainers, saes, started)
+        if run_dir != final_dir:
+            kept = swap_in(run_dir, final_dir, written_by_diffkit)
+            if kept and not cfg.json:
+                print(f"replaced the run in {final_dir}; kept what diffkit did not write there: {', '.join(kept)}")
+    summary["run"] = str(final_dir)
+    if not cfg.json:
+        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **r["metrics"]} for r in summary["saes"]]))
+        print(f"run written to {final_dir}")
+    return summary
+
+
+def train_into(cfg: TrainConfig, spec, pair, run_dir: Path, layers, ks, dict_size, trainers, saes, started: float) -> dict:
+    """The training loop and the finished run's files, in `run_dir`."""
+    keys = [(L, k) for L in layers for k in ks]
     if not cfg.resume:  # a resumed run keeps the flags it was started with, for the next --resume to match
         write_json(run_dir / "train_config.json", asdict(cfg))
-
-    keys = [(L, k) for L in layers for k in ks]
-    trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, total_steps), device) for L, k in keys}
-    saes = {key: tr.sae for key, tr in trainers.items()}
 
     answered = build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir, "answers_train.json") if cfg.answered_prompts else []
     stream = RecordStream(spec, pair.tokenizer, cfg.seed, cfg.max_len, cfg.null_fraction, answered, batch_size=cfg.trace_batch)
@@ -177,7 +231,7 @@ def train(cfg: TrainConfig) -> dict:
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
 
     loop_started, loop_tokens_start = time.time(), tokens_done
-    bar = tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}", disable=cfg.json, dynamic_ncols=True)
+    bar = tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {cfg.name or spec.name}", disable=cfg.json, dynamic_ncols=True)
     batches = stream.batches(cursor)
     last: dict[str, dict] = {}
     while tokens_done < cfg.tokens:
@@ -215,9 +269,6 @@ def train(cfg: TrainConfig) -> dict:
         "loop_tokens_per_second": round((tokens_done - loop_tokens_start) / max(loop_seconds, 1e-9), 1),
         "saes": results,
     }
-    if not cfg.json:
-        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **r["metrics"]} for r in results]))
-        print(f"run written to {run_dir}")
     return summary
 
 

@@ -59,18 +59,40 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     again = run_cli(args + ["--name", "cut"], cache)  # no --resume: refused, nothing lost
     assert again.returncode == 2 and "--resume" in again.stderr
     assert ckpt.exists()
-    other = run_cli(args + ["--name", "cut", "--resume", "--expansion", "2"], cache)  # a different dictionary size
+    other = run_cli(args + ["--name", "cut", "--resume", "--expansion", "2", "--seed", "1", "--device", "cpu"], cache)
     last = other.stderr.strip().splitlines()[-1]
     assert other.returncode == 2 and last.startswith("error: ") and "train_config.json" in last, other.stderr[-2000:]
+    assert "--expansion" in last and "--seed" in last and "--device" not in last  # names what changes the result only
     assert ckpt.exists()
 
     resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    files = sorted((tmp_path / "whole").glob("layer_*/model.safetensors"))
-    assert len(files) == 2 * len(load_run(tmp_path / "whole").layers)
+    assert_same_saes(tmp_path / "whole", tmp_path / "cut")
+
+    # kill -9 while --overwrite retrains: the finished run stays whole, and --resume completes the replacement
+    before = {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut", "--overwrite"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = tmp_path / ".cut.new" / "checkpoint" / "state.pt"
+    deadline = time.time() + 300
+    while not staged.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert staged.exists(), "the replacement wrote no checkpoint before it ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()} == before
+    resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / ".cut.new").exists()
+    assert_same_saes(tmp_path / "whole", tmp_path / "cut")
+
+
+def assert_same_saes(whole, other):
+    files = sorted(whole.glob("layer_*/model.safetensors"))
+    assert len(files) == 2 * len(load_run(whole).layers)
     for path in files:
         sub = path.parent.name
-        a, b = load_file(path), load_file(tmp_path / "cut" / sub / "model.safetensors")
+        a, b = load_file(path), load_file(other / sub / "model.safetensors")
         for name in a:
             assert (a[name] == b[name]).all(), f"{sub}/{name} differs after resume"
 

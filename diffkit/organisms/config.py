@@ -36,7 +36,7 @@ class EvalConfig:
     """Options of `diffkit organism eval`."""
 
     source: str = field(default="toy", positional=True, nargs="?", metavar="SOURCE")
-    """organism directory, preset or spec file"""
+    """organism directory, preset (organism:NAME when a local folder has its name) or spec file"""
     n: int = 32
     """held-out prompts per condition (and per pair for poison)"""
     batch_size: int = 32
