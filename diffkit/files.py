@@ -58,9 +58,9 @@ def read_torch(path: str | os.PathLike, what: str = "file") -> Any:
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write `obj` as JSON atomically (sorted keys are not forced: insertion order is kept)."""
     text = json.dumps(obj, indent=indent) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
