@@ -44,16 +44,8 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     whole = run_cli(args + ["--name", "whole"], cache)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
-    env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "cut" / "checkpoint" / "state.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), "no checkpoint was written before the run ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(args + ["--name", "cut"], cache, ckpt)
     assert not (tmp_path / "cut" / "run.json").exists()
 
     again = run_cli(args + ["--name", "cut"], cache)  # no --resume: refused, nothing lost
@@ -71,20 +63,25 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
 
     # kill -9 while --overwrite retrains: the finished run stays whole, and --resume completes the replacement
     before = {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()}
-    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut", "--overwrite"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staged = tmp_path / ".cut.new" / "checkpoint" / "state.pt"
-    deadline = time.time() + 300
-    while not staged.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert staged.exists(), "the replacement wrote no checkpoint before it ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(args + ["--name", "cut", "--overwrite"], cache, tmp_path / ".cut.new" / "checkpoint" / "state.pt")
     assert {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()} == before
     resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (tmp_path / ".cut.new").exists()
     assert_same_saes(tmp_path / "whole", tmp_path / "cut")
+
+
+def kill_when_written(args, cache, path):
+    """Start `diffkit train ARGS` and kill -9 it as soon as `path` exists."""
+    env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} was not written before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def assert_same_saes(whole, other):
