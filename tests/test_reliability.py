@@ -65,6 +65,15 @@ def test_bad_train_flags_are_one_line_and_touch_nothing(tmp_path, capsys, flags,
     assert (run / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("argv, word", [
+    (["grid", "--n-prompts", "0"], "--n-prompts"), (["report", "--target-auroc", "2"], "--target-auroc"),
+    (["attribute", "--batch-size", "0"], "--batch-size"), (["organism", "eval", "--n", "0"], "--n"),
+    (["organism", "build", "--steps", "0"], "--steps"),
+])
+def test_every_command_checks_its_flags(capsys, argv, word):
+    one_line_exit_2(capsys, argv, word)
+
+
 def test_the_api_gets_the_same_checks():
     with pytest.raises(DiffkitError, match="--batch-size"):
         TrainConfig(batch_size=0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from simple_parsing.helpers import field
 
-from diffkit.configs import switch
+from diffkit.configs import check_counts, switch
 
 
 @dataclass
@@ -30,6 +30,9 @@ class BuildConfig:
     json: bool = switch(False)
     """print a machine-readable JSON summary"""
 
+    def __post_init__(self):
+        check_counts(self, ("steps",))
+
 
 @dataclass
 class EvalConfig:
@@ -45,3 +48,6 @@ class EvalConfig:
     """cpu, cuda, ..."""
     json: bool = switch(False)
     """print a machine-readable JSON summary"""
+
+    def __post_init__(self):
+        check_counts(self, ("n", "batch_size"))
