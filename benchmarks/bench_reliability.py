@@ -39,7 +39,9 @@ def run(argv: list[str]) -> tuple[int, str]:
 
 
 def one_line_error(code: int, err: str) -> bool:
-    return code == 2 and err.startswith("error: ") and "\n" not in err
+    """Exit 2 and a last line `error: ...`; progress bars may come before it, a traceback may not."""
+    lines = err.splitlines()
+    return code == 2 and bool(lines) and lines[-1].startswith("error: ") and "Traceback" not in err
 
 
 def main_battery() -> int:
@@ -116,7 +118,7 @@ def main_battery() -> int:
     ok = one_line_error(code, err) and str(holder.pid) in err
     damage = sum(1 for p, d in before.items() if snapshot(run_dir).get(p) != d)
     tried, passed, lost = tried + 1, passed + ok, lost + damage
-    print(f"{'ok  ' if ok else 'FAIL'} {'second writer':<34} {err[:110]}")
+    print(f"{'ok  ' if ok else 'FAIL'} {'second writer':<34} {err.splitlines()[-1][:110]}")
 
     import diffkit.train as train_module
 
@@ -133,7 +135,7 @@ def main_battery() -> int:
     ok = one_line_error(code, err) and "no space" in err
     damage = sum(1 for p, d in before.items() if snapshot(run_dir).get(p) != d)
     tried, passed, lost = tried + 1, passed + ok, lost + damage
-    print(f"{'ok  ' if ok else 'FAIL'} {'disk full during --overwrite':<34} {err[:110]}")
+    print(f"{'ok  ' if ok else 'FAIL'} {'disk full during --overwrite':<34} {err.splitlines()[-1][:110]}")
 
     code, err = run(train + ["--json"])  # the replacement that finishes keeps the user's file
     ok = code == 0 and (run_dir / "notes.txt").read_text() == "the user's own notes"
