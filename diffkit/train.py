@@ -231,28 +231,28 @@ def train_into(cfg: TrainConfig, spec, pair, run_dir: Path, layers, ks, dict_siz
         cursor, buffer.fills, tokens_done = load_checkpoint(run_dir, saes, trainers)
 
     loop_started, loop_tokens_start = time.time(), tokens_done
-    bar = tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {cfg.name or spec.name}", disable=cfg.json, dynamic_ncols=True)
-    batches = stream.batches(cursor)
-    last: dict[str, dict] = {}
-    while tokens_done < cfg.tokens:
-        while buffer.needs_more(cfg.tokens - tokens_done):
-            records, cursor = next(batches)
-            buffer.add(trace_batch(pair, records, layers))
-        if tokens_done == 0 and buffer.fills == 0:
-            held = buffer.contents()
-            for L, k in keys:
-                fit_normalization(saes[f"{L}_{k}"], held.diffs[L])
-        for batch in buffer.drain():
-            for L, k in keys:
-                sae = saes[f"{L}_{k}"]
-                last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(batch.diffs[L]))
-            tokens_done += cfg.batch_size
-            bar.update(cfg.batch_size)
-            bar.set_postfix_str(progress_line(last), refresh=False)
-            if tokens_done >= cfg.tokens:
-                break
-        save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done)
-    bar.close()
+    # closed before an error propagates, so the error line comes last
+    with tqdm(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {cfg.name or spec.name}", disable=cfg.json, dynamic_ncols=True) as bar:
+        batches = stream.batches(cursor)
+        last: dict[str, dict] = {}
+        while tokens_done < cfg.tokens:
+            while buffer.needs_more(cfg.tokens - tokens_done):
+                records, cursor = next(batches)
+                buffer.add(trace_batch(pair, records, layers))
+            if tokens_done == 0 and buffer.fills == 0:
+                held = buffer.contents()
+                for L, k in keys:
+                    fit_normalization(saes[f"{L}_{k}"], held.diffs[L])
+            for batch in buffer.drain():
+                for L, k in keys:
+                    sae = saes[f"{L}_{k}"]
+                    last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(batch.diffs[L]))
+                tokens_done += cfg.batch_size
+                bar.update(cfg.batch_size)
+                bar.set_postfix_str(progress_line(last), refresh=False)
+                if tokens_done >= cfg.tokens:
+                    break
+            save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done)
     loop_seconds = time.time() - loop_started
     train_seconds = time.time() - started
 
