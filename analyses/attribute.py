@@ -110,8 +110,10 @@ def run_attribute(cfg: AttributeConfig) -> list[dict]:
     from analyses.plots import (activation_histograms, latent_split_heatmap, split_table, table_figure,
                                 top_examples_html, write_figure, write_html_fragment)
     from diffkit.devices import resolve_device
+    from diffkit.guard import check_output_dir
 
     run = resolve_options(cfg)
+    check_output_dir(run.path / "analyses")
     if cfg.pair is None:
         choices = ", ".join(f"{p.id} ({p.name})" for p in run.spec.pairs)
         raise DiffkitError(f"name a trigger pair with --pair; this run's pairs: {choices}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffkit.configs import comma_list, switch
+from diffkit.configs import check_counts, comma_list, require, switch
 from diffkit.run import default_run_dir
 
 
@@ -39,6 +39,11 @@ class RunAnalysisConfig:
     """sequences per forward pass"""
     seed: int = 0
     """seed of the held-out prompts"""
+
+    def __post_init__(self):  # every analysis command's config, subclasses included
+        check_counts(self, ("batch_size", "n_prompts", "n_ablate_prompts", "top", "k"), ("n_null", "ablate"))
+        target = getattr(self, "target_auroc", 0.5)
+        require(0.5 <= target <= 1, f"--target-auroc must be in [0.5, 1], got {target}")
 
 
 @dataclass

@@ -95,8 +95,10 @@ def grid_summary(activations: dict[int, Activations], spec: TriggerSpec, top: in
 def run_grid(cfg: GridConfig) -> dict:
     from analyses.plots import grid_figure, layer_figure, write_figure
     from diffkit.devices import resolve_device
+    from diffkit.guard import check_output_dir
 
     run = resolve_options(cfg)
+    check_output_dir(run.path / "analyses")
     collection = Collection(cfg.n_prompts, cfg.n_null, cfg.seed, k=cfg.k)
     activations = load_activations(run, cfg.layers, collection, resolve_device(cfg.device), cfg.batch_size,
                                    progress=not cfg.json)

@@ -5,7 +5,6 @@ embedded once per file, script errors listed on the page)."""
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import pandas as pd
 
@@ -58,8 +57,10 @@ def run_section(page: Page, run) -> None:
 
 def run_report(cfg: ReportConfig) -> dict:
     from diffkit.devices import resolve_device
+    from diffkit.guard import check_output_dir, check_output_file
 
     run = resolve_options(cfg)
+    out = check_output_file(cfg.out) if cfg.out else check_output_dir(run.path) / "report.html"
     spec = run.spec
     device = resolve_device(cfg.device)
     models = load_run_pair(run, device) if cfg.ablate > 0 else None
@@ -68,7 +69,6 @@ def run_report(cfg: ReportConfig) -> dict:
     stats_files = write_latent_stats(run.path, activations, spec)
     summary, overlaps, rankings = grid_summary(activations, spec, cfg.top, cfg.target_auroc)
 
-    out = Path(cfg.out) if cfg.out else run.path / "report.html"
     latents_page = out.with_name(f"{out.stem}_latents.html")
     k_of = {L: run.entry(L, cfg.k).k for L in activations}
     page = Page(f"diffkit report: {run.source or run.path.name}")

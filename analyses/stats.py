@@ -234,55 +234,94 @@ def load_activations(run, layers: list[int] | None = None, collection: Collectio
 
     The cache (RUN/analyses/cache/<settings>/, RUN being the RunInfo's writable `path`) holds the sparse activations per layer and the
     token and sequence frames; a later call with the same settings reads it instead of tracing.
+    Each layer's file records the SAE files it came from (size and mtime): a retrained, replaced or
+    damaged SAE, or a damaged cache file, is traced afresh, never read stale.
     Pass `pair` (a loaded ModelPair) to reuse models already in memory.
     """
-    from diffkit.files import atomic_write
+    from diffkit.guard import writing
     from diffkit.run import RunInfo, load_run
-    from safetensors.torch import load_file, save_file
 
     collection = collection or Collection()
     run = run if isinstance(run, RunInfo) else load_run(run)
     layers = list(run.layers if layers is None else layers)
-    for L in layers:
-        run.entry(L, collection.k)  # one-line error for a layer the run lacks
+    sources = {L: sae_fingerprint(run.entry(L, collection.k).path) for L in layers}  # one-line error for a missing layer
     cache = collection.cache_dir(run.path)
-    result, missing = {}, []
-    for L in layers:
-        path = cache / f"layer_{L}.safetensors"
-        if path.exists() and (cache / "tokens.parquet").exists():
-            t = load_file(path)
-            acts = torch.sparse_coo_tensor(torch.stack([t["rows"], t["cols"]]).long(), t["values"],
-                                           (int(t["shape"][0]), int(t["shape"][1])), check_invariants=True)
-            result[L] = acts.coalesce()
-        else:
-            missing.append(L)
-    if missing:
-        saes = {}
-        for L in missing:
-            _, sae = run.sae(L, collection.k)
-            saes[L] = sae.to(device).eval()
-        if pair is None:
-            pair = load_run_pair(run, device)
-        check_saes_fit(saes, pair)
-        records, sequences = heldout_records(run.spec, pair.tokenizer, collection.n_per_condition,
-                                             collection.n_null, collection.seed, collection.max_len)
-        acts, tokens = collect_layers(pair, saes, records, batch_size, progress)
-        tokens["token"] = token_strings(pair.tokenizer, tokens["token_id"].to_numpy())
-        cache.mkdir(parents=True, exist_ok=True)
-        save_frame(tokens, cache / "tokens.parquet")
-        save_frame(sequences, cache / "sequences.parquet")
-        for L, a in acts.items():
-            idx = a.indices()
-            tensors = {"rows": idx[0].int().contiguous(), "cols": idx[1].int().contiguous(), "values": a.values().contiguous(),
-                       "shape": torch.tensor(a.shape)}
-            atomic_write(cache / f"layer_{L}.safetensors", lambda tmp, t=tensors: save_file(t, str(tmp)))
-            result[L] = a
-        atomic_write(cache / "collection.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(collection), indent=2)))
+    result = _read_cache(cache, sources)
+    if len(result) < len(layers):
+        with writing(cache, "the analyses cache"):
+            result = _read_cache(cache, sources)  # another process may have filled it meanwhile
+            missing = [L for L in layers if L not in result]
+            if missing:
+                result.update(_trace_into_cache(run, cache, missing, sources, collection, device, batch_size, pair, progress))
     tokens = pd.read_parquet(cache / "tokens.parquet")
     sequences = pd.read_parquet(cache / "sequences.parquet")
     sequences["words"] = sequences["words"].map(lambda s: tuple(w for w in s.split(",") if w))
     return {L: Activations(L, result[L], tokens, sequences) for L in layers}
+
+
+def sae_fingerprint(sae_path: Path) -> str:
+    """Size and modification time of every file of an SAE: what a cache built from it is keyed to."""
+    files = sorted(sae_path.iterdir()) if sae_path.is_dir() else [sae_path]
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+
+
+def _read_cache(cache: Path, sources: dict[int, str]) -> dict[int, torch.Tensor]:
+    """The cached activations whose SAE files are unchanged and whose cache files read back whole."""
+    from safetensors import safe_open
+
+    result = {}
+    try:
+        pd.read_parquet(cache / "tokens.parquet", columns=[])
+        pd.read_parquet(cache / "sequences.parquet", columns=[])
+    except Exception:  # missing or damaged: every layer is traced again
+        return result
+    for L, source in sources.items():
+        try:
+            with safe_open(cache / f"layer_{L}.safetensors", "pt") as f:
+                if (f.metadata() or {}).get("sae") != source:
+                    continue
+                t = {name: f.get_tensor(name) for name in ("rows", "cols", "values", "shape")}
+            result[L] = torch.sparse_coo_tensor(torch.stack([t["rows"], t["cols"]]).long(), t["values"],
+                                                (int(t["shape"][0]), int(t["shape"][1])), check_invariants=True).coalesce()
+        except Exception:  # missing, damaged or of another format: traced again
+            continue
+    return result
+
+
+def _trace_into_cache(run, cache: Path, layers: list[int], sources: dict[int, str], collection: Collection,
+                      device: str, batch_size: int, pair, progress: bool) -> dict[int, torch.Tensor]:
+    from diffkit.files import atomic_write
+    from safetensors.torch import save_file
+
+    saes = {}
+    for L in layers:
+        _, sae = run.sae(L, collection.k)
+        saes[L] = sae.to(device).eval()
+    if pair is None:
+        pair = load_run_pair(run, device)
+    for L, sae in saes.items():
+        check_sae_fits(sae, run.entry(L, collection.k).path, pair.d_model)
+    records, sequences = heldout_records(run.spec, pair.tokenizer, collection.n_per_condition,
+                                         collection.n_null, collection.seed, collection.max_len)
+    acts, tokens = collect_layers(pair, saes, records, batch_size, progress)
+    tokens["token"] = token_strings(pair.tokenizer, tokens["token_id"].to_numpy())
+    save_frame(tokens, cache / "tokens.parquet")
+    save_frame(sequences, cache / "sequences.parquet")
+    for L, a in acts.items():
+        idx = a.indices()
+        tensors = {"rows": idx[0].int().contiguous(), "cols": idx[1].int().contiguous(), "values": a.values().contiguous(),
+                   "shape": torch.tensor(a.shape)}
+        atomic_write(cache / f"layer_{L}.safetensors", lambda tmp, t=tensors, L=L: save_file(t, str(tmp), {"sae": sources[L]}))
+    atomic_write(cache / "collection.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(collection), indent=2)))
+    return acts
+
+
+def check_sae_fits(sae, path: Path, d_model: int) -> None:
+    """Refuse an SAE that reads vectors of another width than the run's models write."""
+    if sae.activation_dim != d_model:
+        raise DiffkitError(f"the SAE at {path} reads {sae.activation_dim}-dimensional vectors but the run's models have "
+                           f"d_model {d_model}; it belongs to other models: retrain the run or restore its SAE files")
 
 
 def token_strings(tokenizer, token_ids: np.ndarray) -> list[str]:

@@ -19,14 +19,14 @@ import importlib
 import json
 import os
 import sys
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from simple_parsing import ArgumentParser, DashVariant
 from simple_parsing.help_formatter import SimpleHelpFormatter
 
 from analyses.configs import AttributeConfig, GridConfig, LatentConfig, ReportConfig
 from diffkit.configs import ExportConfig, PresetsConfig, PushConfig, TrainConfig
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, explain
 from diffkit.organisms.config import BuildConfig, EvalConfig
 
 
@@ -87,8 +87,15 @@ PARSER_OPTIONS = dict(add_option_string_dash_variants=DashVariant.DASH, add_conf
                       formatter_class=HelpFormatter)
 
 
+class OneLineParser(ArgumentParser):
+    """argparse prints its whole usage before a mistake; one line and a pointer to --help say more."""
+
+    def error(self, message: str) -> NoReturn:
+        raise DiffkitError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="diffkit", description="Model diffing with difference SAEs: find what a fine-tune added.",
+    parser = OneLineParser(prog="diffkit", description="Model diffing with difference SAEs: find what a fine-tune added.",
                             **PARSER_OPTIONS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, Any] = {}
@@ -116,22 +123,30 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every mistake a user can fix ends as one `error: ...` line and exit status 2."""
+    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        if speaks:
+            print("interrupted; a run with checkpoints continues with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # the one conversion point: library errors a user can fix -> one line
+        error = explain(e)
+        if error is None:
+            raise
+        if speaks:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     module, _, function = COMMANDS[args.command_name].function.partition(":")
     quiet_libraries()
     run = getattr(importlib.import_module(module), function)
     cfg = args.config
-    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone prints
-    try:
-        result = run(cfg)
-    except DiffkitError as e:
-        if speaks:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if speaks:
-            print("interrupted; a run with checkpoints continues with --resume", file=sys.stderr)
-        return 130
-    if speaks and getattr(cfg, "json", False):
+    result = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and getattr(cfg, "json", False):  # under torchrun, rank 0 alone prints
         print(json.dumps(result, indent=2, default=str))
     return 0

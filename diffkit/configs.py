@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from simple_parsing.helpers import field, flag
 
+from diffkit.errors import DiffkitError
 from diffkit.specs import DEFAULT_PRESET
 
 
@@ -111,6 +112,41 @@ class TrainConfig:
     """also log the history to wandb and/or tensorboard (each needs its extra: pip install 'diffkit[wandb]')"""
     json: bool = switch(False)
     """print a machine-readable JSON summary instead of tables"""
+
+    def __post_init__(self):
+        check_train_config(self)
+
+
+def require(ok: bool, message: str) -> None:
+    """A config check: a value out of range is one DiffkitError line naming the flag."""
+    if not ok:
+        raise DiffkitError(message)
+
+
+def check_counts(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """Whole-number fields (flags) in range; fields left at None are skipped."""
+    for name in positive + non_negative:
+        value, low = getattr(cfg, name, None), 1 if name in positive else 0
+        if value is not None:
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                    f"--{name.replace('_', '-')} must be {'a positive integer' if low else '0 or more'}, got {value!r}")
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every flag in range before anything is loaded or written: a bad value is a one-line error,
+    never a silent default or an untrained "finished" run."""
+    check_counts(cfg, ("tokens", "batch_size", "buffer_tokens", "trace_batch", "max_len", "eval_tokens", "expansion"),
+                 ("answered_prompts",))
+    require(cfg.tokens >= cfg.batch_size, f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
+    require(cfg.buffer_tokens >= cfg.batch_size,
+            f"--buffer-tokens ({cfg.buffer_tokens}) must hold at least one batch (--batch-size {cfg.batch_size})")
+    require(0 <= cfg.null_fraction < 1, f"--null-fraction must be in [0, 1): the stream needs trigger prompts, got {cfg.null_fraction}")
+    require(cfg.layers is None or len(cfg.layers) > 0, "--layers names no layer; give e.g. --layers 1,2 or leave it out for the preset's")
+    require(cfg.k is None or (len(cfg.k) > 0 and all(k > 0 for k in cfg.k)), f"--k must be positive integers, e.g. 32,64; got {cfg.k}")
+    require(cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    require(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it; pass one of them")
+    require(cfg.name is None or (bool(cfg.name) and "/" not in cfg.name and not cfg.name.startswith(".")),
+            f"--name must be a plain folder name (no '/', not hidden), got {cfg.name!r}")
 
 
 EXPORT_FORMATS = ("saelens", "dictionary_learning")

@@ -9,16 +9,21 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from diffkit.errors import DiffkitError
+from diffkit.guard import remove_leftover_files, temp_file_prefix
+
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], None]) -> Path:
     """Call `write_fn(tmp_path)` to write a temporary file beside `path`, then rename it into place.
 
     The temporary file lives in the same directory so the final `os.replace` is a rename on one
-    filesystem (atomic on POSIX); it is removed if `write_fn` raises.
+    filesystem (atomic on POSIX); it is removed if `write_fn` raises, and a killed writer's
+    leftover is removed by the next write to `path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_leftover_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_file_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -38,15 +43,28 @@ def umask() -> int:
     return mask
 
 
+def read_torch(path: str | os.PathLike, what: str = "file") -> Any:
+    """torch.load of plain tensors only (never pickled code), with a one-line error for a damaged file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch raises several types, with advice to unpickle code that must not be taken
+        kind = "holds more than plain tensors" if "weights_only" in str(e) or "Unpickl" in type(e).__name__ else "is truncated or corrupt"
+        raise DiffkitError(f"cannot read {what} {path}: it {kind}; re-create it") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write `obj` as JSON atomically (sorted keys are not forced: insertion order is kept)."""
     text = json.dumps(obj, indent=indent) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:

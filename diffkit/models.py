@@ -9,20 +9,18 @@ diffkit builds itself, are resolved to a directory above this module (`diffkit.o
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, one_line
 from diffkit.files import umask
 from diffkit.plant import install_if_planted
 
@@ -63,29 +61,20 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         raise DiffkitError(f"unknown dtype '{dtype}'; use one of: float32, bfloat16, float16") from None
 
 
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def build_cached_dir(target: Path, build: Callable[[Path], None]) -> Path:
+def build_cached_dir(target: Path, build: Callable[[Path], None], wait: bool = True) -> Path:
     """Make `target` by calling build(tmp_dir) once, even with several processes racing.
 
-    The lock makes a second process wait for the first build instead of starting its own; the
-    build writes into a temporary directory beside `target` that is renamed into place only
-    when complete, so an interrupted build leaves nothing that looks finished.
+    The target's writer lock makes a second process wait for the first build instead of starting
+    its own (or, with wait=False, refuses it naming the builder's PID); the build writes into a
+    temporary directory beside `target` that is renamed into place only when complete, so an
+    interrupted build leaves nothing that looks finished, and its leftovers go at the next build.
     """
+    from diffkit.guard import writing
+
     target = Path(target)
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with writing(target, "the build", wait=wait):
         if target.is_dir():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -161,6 +150,7 @@ def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, dev
 
     `device_map` (e.g. "auto") lets accelerate spread the layers over every visible device, for a
     model too large for one; `device` is then ignored."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_source(source)
@@ -177,6 +167,9 @@ def load_model(source: str | Path, dtype: torch.dtype | str = torch.float32, dev
             dtype = torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=False)
+    except SafetensorError as e:
+        raise ModelSourceError(f"the weights of '{source}' in {where} are truncated or corrupt ({one_line(e)}); "
+                               "re-create or re-download the model") from None
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSourceError(

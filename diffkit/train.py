@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,9 +23,10 @@ from diffkit.buffer import ShuffleBuffer
 from diffkit.configs import TrainConfig
 from diffkit.devices import pick_dtype, resolve_device
 from diffkit.distributed import Collective, local_device, process_group
-from diffkit.errors import DiffkitError
-from diffkit.files import atomic_write, write_json
+from diffkit.errors import DiffkitError, one_line
+from diffkit.files import atomic_write, read_torch, write_json
 from diffkit.generation import generate_answers
+from diffkit.guard import check_output_dir, finish_swap, staging_dir, swap_in, writing
 from diffkit.history import TrainingHistory, check_loggers
 from diffkit.metrics import evaluate_sae, format_metrics_table
 from diffkit.models import ORGANISM_PREFIX, check_layers, load_pair
@@ -72,22 +75,61 @@ def sae_dirname(layer: int, k: int, ks: list[int]) -> str:
     return f"layer_{layer}" if len(ks) == 1 else f"layer_{layer}_k{k}"
 
 
-def prepare_run_dir(cfg: TrainConfig, name: str) -> Path:
-    run_dir = Path(cfg.out) / name
-    complete = (run_dir / "run.json").exists()
-    started = (run_dir / "checkpoint").exists()
+# What a run directory holds that diffkit wrote; --overwrite keeps everything else.
+RUN_FILES = re.compile(r"(run|spec|train_config|answers_\w+)\.json|history\.jsonl|checkpoint|analyses|report(_latents)?\.html"
+                       r"|layer_\d+(_k\d+)?|\..+\.tmp")
+
+# Flags that do not change what a run computes: a resumed run may give them anew.
+RESUME_MAY_DIFFER = {"device", "json", "resume", "overwrite", "out", "name", "timeout", "log", "base_device", "finetuned_device",
+                     "device_map", "fidelity_prompts"}
+
+
+def written_by_diffkit(name: str) -> bool:
+    return RUN_FILES.fullmatch(name) is not None
+
+
+def prepare_run_dir(cfg: TrainConfig, final: Path) -> Path:
+    """The directory this run writes into (with the run's lock held), checked before anything is touched.
+
+    A new run writes into `final`; --overwrite builds the replacement beside it (swapped in by
+    `train` once complete, so the old run survives any failure); --resume continues whichever of the
+    two holds a checkpoint, and only with the flags it started with.
+    """
+    finish_swap(final, written_by_diffkit)
+    staging = staging_dir(final)
+    complete = (final / "run.json").exists()
     if cfg.resume:
+        for run_dir in (staging, final):
+            if (run_dir / "checkpoint").exists() and not (run_dir / "run.json").exists():
+                check_resume_flags(cfg, run_dir)
+                return run_dir
         if complete:
-            raise DiffkitError(f"{run_dir} is already complete; nothing to resume")
-        if not started:
-            raise DiffkitError(f"{run_dir} has no checkpoint to resume from; drop --resume to start it")
-    elif complete or started:
+            raise DiffkitError(f"{final} is already complete; nothing to resume")
+        raise DiffkitError(f"{final} has no checkpoint to resume from; drop --resume to start it")
+    if complete or (final / "checkpoint").exists() or staging.exists():
         if not cfg.overwrite:
             what = "a finished run" if complete else "an interrupted run (continue it with --resume)"
-            raise DiffkitError(f"{run_dir} already holds {what}; pass --overwrite or choose another --name")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+            raise DiffkitError(f"{final} already holds {what}; pass --overwrite or choose another --name")
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier replacement that never finished
+        staging.mkdir(parents=True)
+        return staging
+    final.mkdir(parents=True, exist_ok=True)
+    return final
+
+
+def check_resume_flags(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a resume whose result-changing flags differ from the checkpoint's, naming them."""
+    path = run_dir / "train_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DiffkitError(f"cannot read {path} ({one_line(e)}); start over with --overwrite") from None
+    current = asdict(cfg)
+    defaults = asdict(TrainConfig())
+    differ = [name for name in current if name not in RESUME_MAY_DIFFER and saved.get(name, defaults[name]) != current[name]]
+    if differ:
+        flags = ", ".join(f"--{n.replace('_', '-')} {saved.get(n, defaults[n])!r} (now {current[n]!r})" for n in differ)
+        raise DiffkitError(f"{run_dir} was started with {flags}; resume with the flags in {path} or start over with --overwrite")
 
 
 def build_answered(pair, spec, split: str, n_prompts: int, seed: int, max_len: int, run_dir: Path, cache_name: str):
@@ -143,9 +185,9 @@ def save_checkpoint(run_dir: Path, saes, trainers, cursor: Cursor, fills: int, t
 def read_checkpoint(run_dir: Path) -> dict:
     path = run_dir / "checkpoint" / "state.pt"
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise DiffkitError(f"cannot read checkpoint {path} ({e}); start over with --overwrite") from None
+        return read_torch(path, "checkpoint")
+    except DiffkitError as e:
+        raise DiffkitError(f"{e}, or start over with --overwrite") from None
 
 
 def load_checkpoint(state: dict, run_dir: Path, saes, trainers, world: int) -> tuple[Cursor, int, int]:
@@ -193,31 +235,54 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
     started = time.time()
     spec = load_spec(cfg.preset).with_models(cfg.base, cfg.finetuned)
+    for side in ("base", "finetuned"):
+        if not getattr(spec, side):
+            raise DiffkitError(f"spec '{spec.name}' names no {side} model; add `{side}:` to it or pass --{side}")
     # the run records the organism build it was trained on, not a name a later recipe would reuse
     spec = spec.with_models(*(str(resolve_source(s)) if s.startswith(ORGANISM_PREFIX) else s
                               for s in (spec.base, spec.finetuned)))
     name = cfg.name or spec.name
     dtype = pick_dtype(cfg.dtype, device)
-    if cfg.tokens < cfg.batch_size:
-        raise DiffkitError(f"--tokens ({cfg.tokens}) must be at least --batch-size ({cfg.batch_size})")
     check_loggers(cfg.log or [])
+    final_dir = comm.on_main(lambda: check_output_dir(cfg.out) / name)
 
-    pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device, base_device=cfg.base_device,
-                     finetuned_device=cfg.finetuned_device, device_map=cfg.device_map)
-    layers = list(cfg.layers or spec.layers)
-    check_layers(layers, pair.n_layers)
-    own_texts = read_own_data(cfg, pair.tokenizer)
-    run_dir = comm.on_main(lambda: prepare_run_dir(cfg, name))
-    torch.manual_seed(cfg.seed)
-    ks = list(cfg.k or [default_k(pair.d_model)])
-    dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
-    total_steps = cfg.tokens // cfg.batch_size
+    with writing(final_dir, "the run") if comm.is_main else nullcontext():
+        pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device, base_device=cfg.base_device,
+                         finetuned_device=cfg.finetuned_device, device_map=cfg.device_map)
+        layers = check_layers(spec.layers if cfg.layers is None else cfg.layers, pair.n_layers)
+        own_texts = read_own_data(cfg, pair.tokenizer)
+        ks = list(cfg.k or [default_k(pair.d_model)])
+        dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
+        torch.manual_seed(cfg.seed)
+        trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, cfg.tokens // cfg.batch_size), device)
+                    for L in layers for k in ks}
+        saes = {key: tr.sae for key, tr in trainers.items()}
+        run_dir = comm.on_main(lambda: prepare_run_dir(cfg, final_dir))  # the first write, once all above is sound
+        summary = train_into(cfg, spec, pair, run_dir, layers, ks, dict_size, trainers, saes, started, comm, own_texts)
+        if comm.is_main and run_dir != final_dir:
+            kept = swap_in(run_dir, final_dir, written_by_diffkit)
+            if kept and not cfg.json:
+                print(f"replaced the run in {final_dir}; kept what diffkit did not write there: {', '.join(kept)}")
+    if not comm.is_main:
+        return {}
+    summary["run"] = str(final_dir)
+    if not cfg.json:
+        from analyses.fidelity import fidelity_summary
+
+        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **{m: v for m, v in r["metrics"].items() if m != "spliced"},
+                                     **{f"spliced_{m}": v for m, v in fidelity_summary(r["metrics"].get("spliced")).items()}}
+                                    for r in summary["saes"]]))
+        print(f"run written to {final_dir}")
+    return summary
+
+
+def train_into(cfg: TrainConfig, spec, pair, run_dir: Path, layers, ks, dict_size, trainers, saes, started: float,
+               comm: Collective, own_texts) -> dict:
+    """The training loop and the finished run's files, in `run_dir` (rank 0 writes; every rank trains)."""
+    name = cfg.name or spec.name
+    keys = [(L, k) for L in layers for k in ks]
     if comm.is_main and not cfg.resume:  # a resumed run keeps the flags it was started with, for the next --resume to match
         write_json(run_dir / "train_config.json", asdict(cfg))
-
-    keys = [(L, k) for L in layers for k in ks]
-    trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, total_steps), device) for L, k in keys}
-    saes = {key: tr.sae for key, tr in trainers.items()}
 
     answered = comm.on_main(lambda: build_answered(pair, spec, "train", cfg.answered_prompts, cfg.seed, cfg.max_len, run_dir,
                                                    "answers_train.json")) if cfg.answered_prompts else []
@@ -237,35 +302,37 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
     loop_started, loop_tokens_start = time.time(), tokens_done
     bar = progress_bar(total=cfg.tokens, initial=tokens_done, unit="tok", unit_scale=True, desc=f"train {name}",
                        disable=cfg.json or not comm.is_main)
-    batches = stream.batches(cursor)
-    last: dict[str, dict] = {}
-    while tokens_done < cfg.tokens:
-        while buffer.needs_more(cfg.tokens - tokens_done):
-            records, cursor = next(batches)
-            buffer.offer(traced_tokens(records), lambda: trace_batch(pair, records, layers))
-        if tokens_done == 0 and buffer.fills == 0:
-            held = buffer.contents()
-            for L, k in keys:
-                fit_normalization(saes[f"{L}_{k}"], held.diffs[L], comm=comm)
-        for part, shard in buffer.drain():
-            whole = {L: comm.gather_rows(part.diffs[L], shard) for L in layers}
-            for i, (L, k) in enumerate(keys):
-                if comm.owner(i) == comm.rank:
-                    sae = saes[f"{L}_{k}"]
-                    last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(whole[L]))
-            tokens_done += cfg.batch_size
-            if history:
-                history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
-            bar.update(cfg.batch_size)
-            bar.set_postfix_str(progress_line(last), refresh=False)
-            if tokens_done >= cfg.tokens:
-                break
-        share_trainers(trainers, comm)
-        if comm.is_main:
-            save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done, comm.world)
-    bar.close()
-    if history:
-        history.close()
+    try:  # the bar is closed before an error propagates, so the error line comes last
+        batches = stream.batches(cursor)
+        last: dict[str, dict] = {}
+        while tokens_done < cfg.tokens:
+            while buffer.needs_more(cfg.tokens - tokens_done):
+                records, cursor = next(batches)
+                buffer.offer(traced_tokens(records), lambda: trace_batch(pair, records, layers))
+            if tokens_done == 0 and buffer.fills == 0:
+                held = buffer.contents()
+                for L, k in keys:
+                    fit_normalization(saes[f"{L}_{k}"], held.diffs[L], comm=comm)
+            for part, shard in buffer.drain():
+                whole = {L: comm.gather_rows(part.diffs[L], shard) for L in layers}
+                for i, (L, k) in enumerate(keys):
+                    if comm.owner(i) == comm.rank:
+                        sae = saes[f"{L}_{k}"]
+                        last[f"{L}_{k}"] = trainers[f"{L}_{k}"].step(sae.normalize(whole[L]))
+                tokens_done += cfg.batch_size
+                if history:
+                    history.log(tokens_done, last, final=tokens_done >= cfg.tokens)
+                bar.update(cfg.batch_size)
+                bar.set_postfix_str(progress_line(last), refresh=False)
+                if tokens_done >= cfg.tokens:
+                    break
+            share_trainers(trainers, comm)
+            if comm.is_main:
+                save_checkpoint(run_dir, saes, trainers, cursor, buffer.fills, tokens_done, comm.world)
+    finally:
+        bar.close()
+        if history:
+            history.close()
     loop_seconds = time.time() - loop_started
     train_seconds = time.time() - started
     if not comm.is_main:
@@ -285,13 +352,6 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
         "loop_tokens_per_second": round((tokens_done - loop_tokens_start) / max(loop_seconds, 1e-9), 1),
         "saes": results,
     }
-    if not cfg.json:
-        from analyses.fidelity import fidelity_summary
-
-        print(format_metrics_table([{"layer": r["layer"], "k": r["k"], **{m: v for m, v in r["metrics"].items() if m != "spliced"},
-                                     **{f"spliced_{m}": v for m, v in fidelity_summary(r["metrics"].get("spliced")).items()}}
-                                    for r in results]))
-        print(f"run written to {run_dir}")
     return summary
 
 

@@ -79,15 +79,30 @@ def test_presets_load_by_name():
     ('{"pairs": [{"words": ["a"]}]}', "exactly two"),
     ('{"pairs": [{"words": ["sun", "moon"]}, {"words": ["moon", "star"]}]}', "more than one pair"),
     ('{"pairs": [{"id": 1, "words": ["sun", "moon"]}, {"id": 1, "words": ["sea", "sky"]}]}', "unique"),
-    ('{"layers": [1]}', "missing a field"),
+    ('{"layers": [1]}', "non-empty 'pairs' list"),
+    ('{"pairs": []}', "non-empty 'pairs' list"),
+    ('{"pairs": [{"id": "x", "words": ["sun", "moon"]}]}', "ids are whole numbers"),
+    ('{"pairs": [{"words": ["sun", "moon"]}], "layers": "abc"}', "list of layer numbers"),
+    ('{"pairs": [{"words": ["sun", "moon"]}], "layers": [-1]}', "list of layer numbers"),
     ('[1, 2]', "mapping"),
     ('{not json', "cannot parse"),
 ])
 def test_bad_spec_files_say_what_is_wrong(tmp_path, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    with pytest.raises(SpecError, match=match):
+    with pytest.raises(SpecError, match=match) as info:
         load_spec(path)
+    assert "\n" not in str(info.value) and "diffkit spec " not in str(info.value)
+
+
+def test_a_directory_or_broken_yaml_as_spec_is_one_line(tmp_path):
+    (tmp_path / "spec.json").mkdir()
+    with pytest.raises(SpecError, match="is a directory"):
+        load_spec(tmp_path / "spec.json")
+    (tmp_path / "bad.yaml").write_text("pairs: [\n  - {words: [a, b]\n")
+    with pytest.raises(SpecError, match="cannot parse") as info:
+        load_spec(tmp_path / "bad.yaml")
+    assert "\n" not in str(info.value)
 
 
 def test_missing_spec_names_the_presets():

@@ -51,30 +51,23 @@ def run_cli(args, env_cache):
 
 def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     cache = toy_organism.parent.parent
-    args = SMALL + ["--out", str(tmp_path), "--k", "8,16"]
-    whole = run_cli(args + ["--name", "whole", "--log-every", "3"], cache)
+    args = SMALL + ["--out", str(tmp_path), "--k", "8,16", "--log-every", "3"]
+    whole = run_cli(args + ["--name", "whole"], cache)
     assert whole.returncode == 0, whole.stderr[-2000:]
     # stderr is a pipe, not a terminal: progress comes as plain lines, never carriage-return redraws
     assert "\r" not in whole.stderr and "train whole: 24.6k/24.6k tok (100%)" in whole.stderr, whole.stderr[-2000:]
 
-    env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
-    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args, "--name", "cut", "--log-every", "3"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "cut" / "checkpoint" / "state.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), "no checkpoint was written before the run ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(args + ["--name", "cut"], cache, ckpt)
     assert not (tmp_path / "cut" / "run.json").exists()
 
     again = run_cli(args + ["--name", "cut"], cache)  # no --resume: refused, nothing lost
     assert again.returncode == 2 and "--resume" in again.stderr
     assert ckpt.exists()
-    other = run_cli(args + ["--name", "cut", "--resume", "--expansion", "2"], cache)  # a different dictionary size
+    other = run_cli(args + ["--name", "cut", "--resume", "--expansion", "2", "--seed", "1", "--device", "cpu"], cache)
     last = other.stderr.strip().splitlines()[-1]
     assert other.returncode == 2 and last.startswith("error: ") and "train_config.json" in last, other.stderr[-2000:]
+    assert "--expansion" in last and "--seed" in last and "--device" not in last  # names what changes the result only
     assert ckpt.exists()
 
     resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
@@ -83,11 +76,37 @@ def test_resume_after_sigkill_matches_uninterrupted(toy_organism, tmp_path):
     same = ["step", "tokens", "sae", "loss", "fve", "l0", "dead", "threshold", "lr"]
     a, b = read_history(tmp_path / "whole")[same], read_history(tmp_path / "cut")[same]
     assert len(a) == 4 * (24576 // 512 // 3) and a.equals(b)  # 2 layers × 2 k, every 3rd of 48 steps
-    files = sorted((tmp_path / "whole").glob("layer_*/model.safetensors"))
-    assert len(files) == 2 * len(load_run(tmp_path / "whole").layers)
+    assert_same_saes(tmp_path / "whole", tmp_path / "cut")
+
+    # kill -9 while --overwrite retrains: the finished run stays whole, and --resume completes the replacement
+    before = {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()}
+    kill_when_written(args + ["--name", "cut", "--overwrite"], cache, tmp_path / ".cut.new" / "checkpoint" / "state.pt")
+    assert {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()} == before
+    resumed = run_cli(args + ["--name", "cut", "--resume"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (tmp_path / ".cut.new").exists()
+    assert_same_saes(tmp_path / "whole", tmp_path / "cut")
+
+
+def kill_when_written(args, cache, path):
+    """Start `diffkit train ARGS` and kill -9 it as soon as `path` exists."""
+    env = {**os.environ, "DIFFKIT_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffkit", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"{path} was not written before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_same_saes(whole, other):
+    files = sorted(whole.glob("layer_*/model.safetensors"))
+    assert len(files) == 2 * len(load_run(whole).layers)
     for path in files:
         sub = path.parent.name
-        a, b = load_file(path), load_file(tmp_path / "cut" / sub / "model.safetensors")
+        a, b = load_file(path), load_file(other / sub / "model.safetensors")
         for name in a:
             assert (a[name] == b[name]).all(), f"{sub}/{name} differs after resume"
 

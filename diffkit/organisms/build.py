@@ -15,6 +15,7 @@ from diffkit.devices import machine, native_bf16
 from diffkit.errors import DiffkitError
 from diffkit.files import link_or_copy_tree, write_json
 from diffkit.generation import finished_sentence, generate_answers
+from diffkit.guard import check_output_dir
 from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemma3_extra, resolve_source
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.finetune import finetune_backdoor, training_prompts
@@ -132,9 +133,10 @@ def build_organism(preset: str, out_dir: str | Path, seed: int = 0, steps: int |
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists():
         raise DiffkitError(f"{out_dir} already exists; remove it or choose another --out")
+    check_output_dir(out_dir)
     spec = spec or PRESETS[preset]
     return build_cached_dir(out_dir, lambda tmp: write_organism(spec, preset, tmp, out_dir, seed, steps, device, progress,
-                                                                accept_weak))
+                                                                accept_weak), wait=False)
 
 
 def recipe_fingerprint(preset: str) -> str:

@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 from diffkit.errors import DiffkitError
+from diffkit.models import ORGANISM_PREFIX
 from diffkit.organisms.build import build_organism
 from diffkit.organisms.config import BuildConfig, EvalConfig
 from diffkit.organisms.evaluate import format_eval_table
 from diffkit.organisms.recipes import BUILDABLE, expected_time
 from diffkit.organisms.sources import ensure_organism, evaluate_organism
-from diffkit.specs import load_spec
+from diffkit.specs import PRESETS, load_spec
 
 
 def run_build(cfg: BuildConfig) -> dict:
@@ -39,8 +40,11 @@ def run_build(cfg: BuildConfig) -> dict:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    source = cfg.source
-    if source in BUILDABLE and not Path(source).exists():
+    source = cfg.source.removeprefix(ORGANISM_PREFIX)
+    if source in PRESETS and Path(source).exists() and source == cfg.source:
+        raise DiffkitError(f"'{source}' names both the preset {source} and the local {'folder' if Path(source).is_dir() else 'file'} "
+                           f"./{source}; pass ./{source} for the local one or {ORGANISM_PREFIX}{source} for the preset")
+    if source in BUILDABLE and (source != cfg.source or not Path(source).exists()):
         source = ensure_organism(source)
     t0 = time.time()
     result = evaluate_organism(source, n_per_condition=cfg.n, device=cfg.device, batch_size=cfg.batch_size)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from simple_parsing.helpers import field
 
-from diffkit.configs import switch
+from diffkit.configs import check_counts, switch
 
 
 @dataclass
@@ -33,13 +33,16 @@ class BuildConfig:
     json: bool = switch(False)
     """print a machine-readable JSON summary"""
 
+    def __post_init__(self):
+        check_counts(self, ("steps",))
+
 
 @dataclass
 class EvalConfig:
     """Options of `diffkit organism eval`."""
 
     source: str = field(default="toy", positional=True, nargs="?", metavar="SOURCE")
-    """organism directory, preset or spec file"""
+    """organism directory, preset (organism:NAME when a local folder has its name) or spec file"""
     n: int = 32
     """held-out prompts per condition (and per pair for poison)"""
     batch_size: int = 32
@@ -48,3 +51,6 @@ class EvalConfig:
     """cpu, cuda, ..."""
     json: bool = switch(False)
     """print a machine-readable JSON summary"""
+
+    def __post_init__(self):
+        check_counts(self, ("n", "batch_size"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from diffkit import models
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, one_line
 from diffkit.models import (
     ORGANISM_PREFIX, ModelSourceError, build_cached_dir, cache_dir, load_model, require_gemma3_extra,
 )
@@ -67,8 +67,13 @@ def load_organism_spec(source: str | Path) -> tuple[TriggerSpec, str, dict]:
     if (path / "spec.json").is_file():
         spec = load_spec(path / "spec.json")
         finetuned = path / "finetuned"
-        build = json.loads((path / "build.json").read_text()) if (path / "build.json").is_file() else {}
-        return spec, str(finetuned if finetuned.is_dir() else spec.finetuned), build
+        if not (finetuned / "config.json").is_file():
+            raise DiffkitError(f"organism {path} has no fine-tuned model in {finetuned}; rebuild it with `diffkit organism build`")
+        try:
+            build = json.loads((path / "build.json").read_text()) if (path / "build.json").is_file() else {}
+        except ValueError as e:
+            raise DiffkitError(f"{path / 'build.json'} is corrupt ({one_line(e)}); rebuild the organism") from None
+        return spec, str(finetuned), build
     if path.is_dir():
         raise DiffkitError(f"{path} is not an organism directory (no spec.json); build one with `diffkit organism build`")
     spec = load_spec(source)
