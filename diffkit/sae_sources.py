@@ -21,11 +21,11 @@ import json
 import re
 from pathlib import Path
 
-from diffkit.errors import DiffkitError
+from diffkit.errors import DiffkitError, one_line
 from diffkit.models import ORGANISM_PREFIX
 from diffkit.organisms.sources import resolve_source
 from diffkit.run import RunInfo, SAEEntry, load_run
-from diffkit.sae import CONFIG_NAME, DICT_LEARNING_WEIGHTS, WEIGHTS_NAME, _one_line, load_sae
+from diffkit.sae import CONFIG_NAME, DICT_LEARNING_WEIGHTS, WEIGHTS_NAME, load_sae
 from diffkit.saelens import SAELENS_CONFIG, SAELENS_WEIGHTS, saelens_layer
 from diffkit.specs import PRESETS, TriggerSpec, load_spec
 
@@ -103,7 +103,7 @@ def hub_folder(source: str) -> Path:
         snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as e:  # huggingface_hub raises a dozen types: not found, gated, offline and not cached...
         at = f"@{revision}" if revision else ""
-        raise DiffkitError(f"cannot get hub repo {repo}{at}: {type(e).__name__}: {_one_line(e)}; check the id and "
+        raise DiffkitError(f"cannot get hub repo {repo}{at}: {type(e).__name__}: {one_line(e)}; check the id and "
                            f"revision, or fetch it once with network (HF_HUB_OFFLINE=1 reads only the local cache)") from None
     folder = snapshot / subfolder
     if not folder.is_dir():
@@ -142,7 +142,7 @@ def _config(folder: Path) -> dict:
             try:
                 config = json.loads((folder / name).read_text())
             except ValueError as e:
-                raise DiffkitError(f"cannot read {folder / name} as JSON: {_one_line(e)}") from None
+                raise DiffkitError(f"cannot read {folder / name} as JSON: {one_line(e)}") from None
             if not isinstance(config, dict):
                 raise DiffkitError(f"{folder / name} is not a JSON object")
             # diffkit's own fields sit at the top level (published layout), in a `diffkit` block beside
@@ -171,7 +171,7 @@ def source_spec(root: Path, source: str, preset: str | None) -> TriggerSpec | No
             try:
                 return TriggerSpec.from_dict(json.loads((folder / SPEC_NAME).read_text()))
             except ValueError as e:
-                raise DiffkitError(f"{folder / SPEC_NAME} in {source} is not a trigger spec: {_one_line(e)}") from None
+                raise DiffkitError(f"{folder / SPEC_NAME} in {source} is not a trigger spec: {one_line(e)}") from None
     return None
 
 
