@@ -246,19 +246,19 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
     check_loggers(cfg.log or [])
     final_dir = comm.on_main(lambda: check_output_dir(cfg.out) / name)
 
-    with writing(final_dir, "the run") if comm.is_main else nullcontext():
-        pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device, base_device=cfg.base_device,
-                         finetuned_device=cfg.finetuned_device, device_map=cfg.device_map)
-        layers = check_layers(spec.layers if cfg.layers is None else cfg.layers, pair.n_layers)
-        own_texts = read_own_data(cfg, pair.tokenizer)
-        ks = list(cfg.k or [default_k(pair.d_model)])
-        dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
-        torch.manual_seed(cfg.seed)
-        trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, cfg.tokens // cfg.batch_size), device)
-                    for L in layers for k in ks}
-        saes = {key: tr.sae for key, tr in trainers.items()}
-        run_dir = comm.on_main(lambda: prepare_run_dir(cfg, final_dir))  # the first write, once all above is sound
-        summary = train_into(cfg, spec, pair, run_dir, layers, ks, dict_size, trainers, saes, started, comm, own_texts)
+    pair = load_pair(spec.base, spec.finetuned, dtype=dtype, device=device, base_device=cfg.base_device,
+                     finetuned_device=cfg.finetuned_device, device_map=cfg.device_map)
+    layers = check_layers(spec.layers if cfg.layers is None else cfg.layers, pair.n_layers)
+    own_texts = read_own_data(cfg, pair.tokenizer)
+    ks = list(cfg.k or [default_k(pair.d_model)])
+    dict_size = (cfg.expansion or default_expansion(pair.d_model)) * pair.d_model
+    torch.manual_seed(cfg.seed)
+    trainers = {f"{L}_{k}": SAETrainer(pair.d_model, sae_config(cfg, k, dict_size, cfg.tokens // cfg.batch_size), device)
+                for L in layers for k in ks}
+    saes = {key: tr.sae for key, tr in trainers.items()}
+    with writing(final_dir, "the run") if comm.is_main else nullcontext():  # the first write: everything above is sound
+        run_dir = comm.on_main(lambda: prepare_run_dir(cfg, final_dir))
+        summary = train_into(cfg, spec, pair, run_dir, layers, ks, dict_size, trainers, saes, started, comm, own_texts, device)
         if comm.is_main and run_dir != final_dir:
             kept = swap_in(run_dir, final_dir, written_by_diffkit)
             if kept and not cfg.json:
@@ -277,7 +277,7 @@ def _train(cfg: TrainConfig, device: str, comm: Collective) -> dict:
 
 
 def train_into(cfg: TrainConfig, spec, pair, run_dir: Path, layers, ks, dict_size, trainers, saes, started: float,
-               comm: Collective, own_texts) -> dict:
+               comm: Collective, own_texts, device: str) -> dict:
     """The training loop and the finished run's files, in `run_dir` (rank 0 writes; every rank trains)."""
     name = cfg.name or spec.name
     keys = [(L, k) for L in layers for k in ks]

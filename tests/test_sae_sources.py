@@ -169,7 +169,7 @@ def test_sae_wider_than_the_models_is_refused(toy_run, tmp_path):
     save_sae(BatchTopKSAE(48, 96, 4), tmp_path / "saes" / "layer_1")
     cfg = AttributeConfig(saes=str(tmp_path / "saes"), preset="toy", pair="border/china", ablate=0,
                           workdir=str(tmp_path / "work"), json=True)
-    with pytest.raises(DiffkitError, match="width 48 but the models have d_model 64"):
+    with pytest.raises(DiffkitError, match="reads 48-dimensional vectors but the run's models have d_model 64"):
         run_attribute(cfg)
     assert not (tmp_path / "work").exists()
 
