@@ -248,6 +248,10 @@ def load_activations(run, layers: list[int] | None = None, collection: Collectio
     cache = collection.cache_dir(run.path)
     result = _read_cache(cache, sources)
     if len(result) < len(layers):
+        if pair is None:
+            pair = load_run_pair(run, device)
+        for L in layers:  # before the cache's lock creates anything
+            check_sae_fits(run.sae(L, collection.k)[1], run.entry(L, collection.k).path, pair.d_model)
         with writing(cache, "the analyses cache"):
             result = _read_cache(cache, sources)  # another process may have filled it meanwhile
             missing = [L for L in layers if L not in result]
@@ -297,10 +301,6 @@ def _trace_into_cache(run, cache: Path, layers: list[int], sources: dict[int, st
     for L in layers:
         _, sae = run.sae(L, collection.k)
         saes[L] = sae.to(device).eval()
-    if pair is None:
-        pair = load_run_pair(run, device)
-    for L, sae in saes.items():
-        check_sae_fits(sae, run.entry(L, collection.k).path, pair.d_model)
     records, sequences = heldout_records(run.spec, pair.tokenizer, collection.n_per_condition,
                                          collection.n_null, collection.seed, collection.max_len)
     acts, tokens = collect_layers(pair, saes, records, batch_size, progress)
