@@ -95,7 +95,8 @@ def pair():
     base, ft = tiny_gemma(0), tiny_gemma(1)
     tok = SimpleNamespace(pad_token_id=0, pad_token="<pad>", eos_token="<eos>", padding_side="right")
     wrap = lambda m: nnsight.TransformersModel(m, tokenizer=tok, device=m.device)  # noqa: E731
-    return SimpleNamespace(base_hf=base, finetuned_hf=ft, base=wrap(base), finetuned=wrap(ft), tokenizer=tok)
+    return SimpleNamespace(base_hf=base, finetuned_hf=ft, base=wrap(base), finetuned=wrap(ft), tokenizer=tok,
+                           device=torch.device("cpu"))
 
 
 def random_sae(seed: int, d=32, f=48, k=6) -> BatchTopKSAE:
