@@ -250,13 +250,14 @@ def load_activations(run, layers: list[int] | None = None, collection: Collectio
     if len(result) < len(layers):
         if pair is None:
             pair = load_run_pair(run, device)
-        for L in layers:  # before the cache's lock creates anything
-            check_sae_fits(run.sae(L, collection.k)[1], run.entry(L, collection.k).path, pair.d_model)
+        saes = {L: run.sae(L, collection.k)[1] for L in layers}
+        for L, sae in saes.items():  # before the cache's lock creates anything
+            check_sae_fits(sae, run.entry(L, collection.k).path, pair.d_model)
         with writing(cache, "the analyses cache"):
             result = _read_cache(cache, sources)  # another process may have filled it meanwhile
-            missing = [L for L in layers if L not in result]
+            missing = {L: saes[L].to(device).eval() for L in layers if L not in result}
             if missing:
-                result.update(_trace_into_cache(run, cache, missing, sources, collection, device, batch_size, pair, progress))
+                result.update(_trace_into_cache(run, cache, missing, sources, collection, batch_size, pair, progress))
     tokens = pd.read_parquet(cache / "tokens.parquet")
     sequences = pd.read_parquet(cache / "sequences.parquet")
     sequences["words"] = sequences["words"].map(lambda s: tuple(w for w in s.split(",") if w))
@@ -292,15 +293,12 @@ def _read_cache(cache: Path, sources: dict[int, str]) -> dict[int, torch.Tensor]
     return result
 
 
-def _trace_into_cache(run, cache: Path, layers: list[int], sources: dict[int, str], collection: Collection,
-                      device: str, batch_size: int, pair, progress: bool) -> dict[int, torch.Tensor]:
+def _trace_into_cache(run, cache: Path, saes: dict, sources: dict[int, str], collection: Collection,
+                      batch_size: int, pair, progress: bool) -> dict[int, torch.Tensor]:
+    """Trace the held-out collection through `saes` ({layer: SAE on the models' device}) and cache the result."""
     from diffkit.files import atomic_write
     from safetensors.torch import save_file
 
-    saes = {}
-    for L in layers:
-        _, sae = run.sae(L, collection.k)
-        saes[L] = sae.to(device).eval()
     records, sequences = heldout_records(run.spec, pair.tokenizer, collection.n_per_condition,
                                          collection.n_null, collection.seed, collection.max_len)
     acts, tokens = collect_layers(pair, saes, records, batch_size, progress)
