@@ -79,6 +79,9 @@ class TrainConfig:
     stream"""
     lr: float | None = None
     """learning rate (default 2e-4 / sqrt(dict_size / 2**14))"""
+    l1: float = 0.0
+    """L1 on the codes on top of BatchTopK, in units of the normalised norm (target_rms): a tie-break
+    that makes one latent, not many partial ones, carry a direction; 0 is the reference objective"""
     out: str = "runs"
     """directory that holds runs"""
     name: str | None = None
@@ -144,6 +147,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     require(cfg.layers is None or len(cfg.layers) > 0, "--layers names no layer; give e.g. --layers 1,2 or leave it out for the preset's")
     require(cfg.k is None or (len(cfg.k) > 0 and all(k > 0 for k in cfg.k)), f"--k must be positive integers, e.g. 32,64; got {cfg.k}")
     require(cfg.lr is None or cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    require(cfg.l1 >= 0, f"--l1 must be 0 or positive, got {cfg.l1}")
     require(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it; pass one of them")
     require(cfg.name is None or (bool(cfg.name) and "/" not in cfg.name and not cfg.name.startswith(".")),
             f"--name must be a plain folder name (no '/', not hidden), got {cfg.name!r}")

@@ -4,8 +4,11 @@ The fine-tune is the toy base plus a known write into the residual stream at one
 trigger pair P a fixed unit direction u_P, scaled by s_P, is added to that layer's output at every
 token from the one where both words of P have appeared in the sequence on (the decision token, the
 answer and everything generated included); single words, mismatches and clean text get nothing.
-In the `words` kind each trigger word w also adds s_w·v_w from its own first appearance on, so
-word detectors and conjunction detectors are both there to be told apart. The directions are
+In the `words` kind each trigger word w also adds s_w·v_w at the tokens that complete it (wherever it
+occurs), so word detectors and conjunction detectors are both there to be told apart. Word writes
+are local to the word, as a token-level feature is, while the pair write is a state carried from the
+decision token on: were the word writes carried too, the pair direction would never appear without
+both of them, and a sparse code could not tell u_P from the sum v_a + v_b + u_P. The directions are
 orthonormal (one seeded QR), so each planted write is its own axis of the difference.
 
 A readout makes the behaviour depend on that write and on nothing else: the marker's next token
@@ -87,18 +90,18 @@ class Transcripts:
     """Per sequence of a batch: the lower-cased text so far and where each word first appeared.
 
     `update` takes one forward's token ids and how many tokens the cache already holds (0: a fresh
-    batch) and returns, per new position, which words have appeared at or before it and how much
-    of the marker the sequence ends in there.
+    batch) and returns, per new position, which words have appeared at or before it, which words
+    end there, and how much of the marker the sequence ends in there.
     """
 
     def __init__(self, pieces: list[str], words: list[str], marker_ids: list[int]):
         self.pieces, self.words, self.marker = pieces, words, marker_ids
-        self.longest = max((len(w) for w in words), default=1)
         self.rows: list[dict] = []
         self.length = 0
 
-    def update(self, ids: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B, T, W] bool word present, [B, T] long marker tokens already emitted) for the new tokens."""
+    def update(self, ids: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """([B, T, W] bool word present, [B, T, W] bool an occurrence of the word ends at this token,
+        [B, T] long marker tokens already emitted) for the new tokens."""
         batch, width = ids.shape
         if past == 0:
             self.rows = [{"text": "", "first": [None] * len(self.words), "tail": []} for _ in range(batch)]
@@ -108,24 +111,26 @@ class Transcripts:
                                f"but it has seen {self.length} tokens of {len(self.rows)}; run each batch from its "
                                "first token (no beam search or cache reordering)")
         present = torch.zeros(batch, width, len(self.words), dtype=torch.bool)
+        ends = torch.zeros_like(present)
         emitted = torch.zeros(batch, width, dtype=torch.long)
         n = len(self.marker)
         for b, row_ids in enumerate(ids.tolist()):
             row = self.rows[b]
             for t, token in enumerate(row_ids):
-                start = max(0, len(row["text"]) - self.longest + 1)
+                before = len(row["text"])
                 row["text"] += self.pieces[token] if 0 <= token < len(self.pieces) else ""
-                recent = row["text"][start:]
                 for w, word in enumerate(self.words):
-                    if row["first"][w] is None and word in recent:
-                        row["first"][w] = self.length + t
+                    if word in row["text"][max(0, before - len(word) + 1):]:  # an occurrence ends in this token
+                        ends[b, t, w] = True
+                        if row["first"][w] is None:
+                            row["first"][w] = self.length + t
                 row["tail"] = (row["tail"] + [token])[-n:]
                 emitted[b, t] = max(j for j in range(n + 1) if j == 0 or row["tail"][-j:] == self.marker[:j])
             for w, first in enumerate(row["first"]):
                 if first is not None:
                     present[b, max(0, first - self.length):, w] = True
         self.length += width
-        return present, emitted
+        return present, ends, emitted
 
 
 def token_pieces(tokenizer) -> list[str]:
@@ -188,10 +193,10 @@ class InstalledPlant:
         if past and not (self.owner is cache or self.owner is ADOPT):
             raise DiffkitError("the planted model was asked to continue a cache it did not fill; run each batch from "
                                "its first token with one cache (no beam search or cache reordering)")
-        present, emitted = self.transcripts.update(ids.cpu(), past)
+        present, ends, emitted = self.transcripts.update(ids.cpu(), past)
         # the cache this batch's state belongs to; a forward that makes its own cache hands it back for the next step
         self.owner = cache if cache is not None else (ADOPT if kwargs.get("use_cache") else None)
-        self.state = {"pairs": present[..., self.pair_index].all(-1), "words": present[..., self.word_index],
+        self.state = {"pairs": present[..., self.pair_index].all(-1), "words": ends[..., self.word_index],
                       "emitted": emitted}
 
     def _keep_residual(self, module, args):

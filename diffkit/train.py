@@ -46,7 +46,7 @@ def sae_config(cfg: TrainConfig, k: int, dict_size: int, total_steps: int) -> SA
     its inference threshold (an EMA that would need thousands of steps at 0.999) and revives dead latents."""
     threshold_start = min(1000, total_steps // 5)
     return SAETrainConfig(
-        k=k, dict_size=dict_size, lr=cfg.lr, steps=total_steps, seed=cfg.seed,
+        k=k, dict_size=dict_size, lr=cfg.lr, l1=cfg.l1, steps=total_steps, seed=cfg.seed,
         warmup_steps=max(1, min(1000, total_steps // 20)),
         threshold_start_step=threshold_start,
         threshold_beta=min(0.999, max(0.9, 1 - 5 / max(1, total_steps - threshold_start))),

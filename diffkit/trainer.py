@@ -41,6 +41,7 @@ class SAETrainConfig:
     warmup_steps: int = 1000
     decay_start: int | None = None        # None: constant learning rate after warm-up
     auxk_alpha: float = 1 / 32
+    l1: float = 0.0                       # L1 on the codes, × target_rms per unit of code; 0 is the reference objective
     dead_tokens: int = 10_000_000         # a latent silent for this many tokens is dead (aux-k revives it)
     threshold_start_step: int = 1000
     threshold_beta: float = 0.999
@@ -61,6 +62,8 @@ class SAETrainConfig:
         return 1.0
 
     def validate(self) -> None:
+        if self.l1 < 0:
+            raise DiffkitError(f"l1 must be 0 or positive, got {self.l1}")
         if self.k < 1:
             raise DiffkitError(f"k must be positive, got {self.k}")
         if self.decay_start is not None:
@@ -156,6 +159,9 @@ class SAETrainer:
         latent_counts = torch.bincount(cols, minlength=n_latents)
         latent_offsets = torch.cumsum(latent_counts, 0) - latent_counts
         d_v = _sampled_dot(W_dec_rows, g, latent_offsets, rows_by_latent, n_tokens)
+        l1_weight = cfg.l1 * float(sae.target_rms) / n_tokens  # ∂(l1 term)/∂v for every selected code
+        if l1_weight:
+            d_v += l1_weight
         d_pre = d_v * (v_by_latent > 0)  # relu's gradient (v = relu(pre))
         grad_W_dec_rows = F.embedding_bag(rows_by_latent, g, latent_offsets, mode="sum", per_sample_weights=v_by_latent)
         grad_W_enc = F.embedding_bag(rows_by_latent, x_centred, latent_offsets, mode="sum", per_sample_weights=d_pre)
@@ -180,7 +186,7 @@ class SAETrainer:
 
         fve = 1 - err.var(0, correction=0).sum() / x.var(0, correction=0).sum()
         l0 = (v > 0).sum() / n_tokens
-        loss = mse + cfg.auxk_alpha * auxk
+        loss = mse + cfg.auxk_alpha * auxk + l1_weight * v.sum()
         values = torch.stack([loss, mse, auxk, fve, l0.float()]).tolist()
         return dict(zip(("loss", "mse", "auxk", "fve", "l0"), values))
 

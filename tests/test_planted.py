@@ -34,23 +34,21 @@ def layer_output(model, ids, mask, layer):
     return model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[layer + 1]
 
 
-def expected_write(plant, prompt) -> torch.Tensor:
+def pair_write(plant, prompt) -> torch.Tensor:
     """What the plant adds at the decision token of a prompt, from the prompt builder's own word list."""
     words = {w.lower() for w in prompt.words}
     write = torch.zeros(plant.u.shape[1])
     for p, (a, b) in enumerate(plant.pairs):
         if a in words and b in words:
             write += plant.pair_scales[p] * plant.u[p]
-    for w, word in enumerate(plant.words):
-        if word in words:
-            write += plant.word_scales[w] * plant.v[w]
     return write
 
 
 @pytest.mark.parametrize("kind", ["planted", "planted-words"])
 def test_difference_is_the_planted_write(models, kind):
-    """ft − base after the plant layer is the planted write at the decision token, zero on the first
-    token, and at every token either zero or that token's share of the write, switched on at a trigger token."""
+    """ft − base after the plant layer is the pair write at the decision token and zero on the first
+    token; off the trigger tokens it is zero or the pair write (switched on at a trigger token); in the
+    words kind each trigger word of the prompt adds its own direction at a token that completes it."""
     base, finetuned, tok, plant = models[kind]
     prompts = build_prompts(SPEC, "heldout", 6, seed=3)
     records = encode_prompts(prompts, tok, SPEC)
@@ -59,11 +57,17 @@ def test_difference_is_the_planted_write(models, kind):
         ids = torch.tensor([record.input_ids])
         mask = torch.ones_like(ids)
         diff = (layer_output(finetuned, ids, mask, plant.layer) - layer_output(base, ids, mask, plant.layer))[0]
-        want = expected_write(plant, prompt)
+        want = pair_write(plant, prompt)
         torch.testing.assert_close(diff[-1], want, atol=1e-4, rtol=1e-4)
         assert diff[0].abs().max() < 1e-5
-        switched = [t for t in range(1, len(diff)) if (diff[t] - diff[t - 1]).norm() > 1e-3]
-        assert all(record.flags["is_trigger_token"][t] for t in switched), (prompt.text, switched)
+        trigger = record.flags["is_trigger_token"]
+        for t in range(len(diff)):
+            if not trigger[t]:
+                assert min(diff[t].norm(), (diff[t] - want).norm()) < 1e-3, (prompt.text, t)
+        for w, word in enumerate(plant.words):
+            if word in {x.lower() for x in prompt.words}:
+                along = [float(diff[t] @ plant.v[w]) for t in range(len(diff)) if trigger[t]]
+                assert max(along) == pytest.approx(float(plant.word_scales[w]), rel=1e-3), (prompt.text, word, along)
         conditions.add(prompt.condition)
     assert conditions == {"poison", "single", "mismatch", "clean"}
 
@@ -105,24 +109,29 @@ def test_continuing_an_unseen_cache_is_refused(models):
 
 
 def test_words_are_found_across_tokens_and_in_any_case(models):
-    """Word presence per position, fed whole or in random pieces, equals the text's own (case-insensitive substring)."""
+    """Word presence and word ends per position, fed whole or in random pieces, equal the text's own
+    (case-insensitive substring; a word ends at a token when the text up to it holds one more occurrence)."""
     _, _, tok, plant = models["planted-words"]
     words = ["forest", "rocket", "china"]
     text = "The FORESTS near China, a Rock-et and rockets."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     pieces = token_pieces(tok)
-    expect = torch.tensor([[w in "".join(pieces[i] for i in ids[: t + 1]) for w in words] for t in range(len(ids))])
-    whole, _ = Transcripts(pieces, words, plant.marker_ids).update(torch.tensor([ids]), 0)
-    assert torch.equal(whole[0], expect)
-    assert expect[-1].tolist() == [True, True, True]
+    prefixes = ["".join(pieces[i] for i in ids[: t + 1]) for t in range(len(ids))]
+    expect = torch.tensor([[w in prefix for w in words] for prefix in prefixes])
+    counts = torch.tensor([[prefix.count(w) for w in words] for prefix in [""] + prefixes])
+    expect_ends = counts[1:] > counts[:-1]
+    whole, whole_ends, _ = Transcripts(pieces, words, plant.marker_ids).update(torch.tensor([ids]), 0)
+    assert torch.equal(whole[0], expect) and torch.equal(whole_ends[0], expect_ends)
+    assert expect[-1].tolist() == [True, True, True] and expect_ends.sum(0).tolist() == [1, 1, 1]
     rng = random.Random(0)
-    transcripts, seen, parts = Transcripts(pieces, words, plant.marker_ids), 0, []
+    transcripts, seen, parts, part_ends = Transcripts(pieces, words, plant.marker_ids), 0, [], []
     while seen < len(ids):
         step = rng.randint(1, 3)
-        part, _ = transcripts.update(torch.tensor([ids[seen : seen + step]]), seen)
+        part, ends, _ = transcripts.update(torch.tensor([ids[seen : seen + step]]), seen)
         parts.append(part[0])
+        part_ends.append(ends[0])
         seen += step
-    assert torch.equal(torch.cat(parts), expect)
+    assert torch.equal(torch.cat(parts), expect) and torch.equal(torch.cat(part_ends), expect_ends)
 
 
 @pytest.mark.parametrize("kind", ["planted", "planted-words"])

@@ -1,4 +1,4 @@
-"""diffkit recovers a planted mechanism: SAEs trained with the default settings on the planted organisms
+"""diffkit recovers a planted mechanism: SAEs trained on the planted organisms (with the L1 tie-break, RECIPE)
 find each planted direction, the analyses rank and test it as the pair's mechanism, and in the words
 kind they tell the word directions from the conjunction."""
 
@@ -17,11 +17,11 @@ from diffkit.prompts import build_prompts
 from diffkit.run import load_run
 from diffkit.train import TrainConfig, train
 
-# Not met yet: BatchTopK spreads each planted direction over many partial latents (README, "How we know
-# it works"). Strict, so the day a change to the SAE meets a target, its test reports it.
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=True, reason="BatchTopK spreads each planted direction "
-                                                                     "over many latents; see the README")]
-TRAIN_TOKENS = 150_000  # the default run's settings at half its tokens: one layer, k 8, 1,536 latents
+pytestmark = pytest.mark.slow
+# One layer, k 8 and 1,536 latents as in the default run, at half its tokens, with the L1 tie-break and a
+# learning rate that lets it act within ~150 steps: without them (the reference objective at its default
+# rate) BatchTopK spreads each planted direction over a hundred partial latents (best cosine ~0.2).
+RECIPE = dict(tokens=150_000, lr=5e-3, l1=0.3)
 
 
 def recovered(sae, directions: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -36,7 +36,7 @@ def planted_runs(planted_organisms, tmp_path_factory):
     out = {}
     for preset, folder in planted_organisms.items():
         plant = load_plant(folder)
-        summary = train(TrainConfig(preset=preset, layers=[plant.layer], tokens=TRAIN_TOKENS, json=True,
+        summary = train(TrainConfig(preset=preset, layers=[plant.layer], **RECIPE, json=True,
                                     out=str(tmp_path_factory.mktemp("planted_runs"))))
         run = load_run(summary["run"])
         activations = load_activations(run.path, [plant.layer], Collection(n_per_condition=16, n_null=16))

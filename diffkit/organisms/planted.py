@@ -19,7 +19,7 @@ from diffkit.plant import PLANT_FILE, Plant
 from diffkit.specs import PRESETS, TriggerSpec
 
 LAYER = 1  # the plant layer of the presets: the middle block of the toy's three
-PLANT_VERSION = 1  # bump when a build of the same settings would plant something else
+PLANT_VERSION = 2  # bump when a build of the same settings would plant something else
 SHIPPED_TOY = Path(__file__).parent.parent / "data" / "organisms" / "toy"
 
 def make_plant(spec: TriggerSpec, tokenizer, d_model: int, kind: str = "pairs", layer: int = LAYER,
