@@ -51,6 +51,7 @@ def sae_config(cfg: TrainConfig, k: int, dict_size: int, total_steps: int) -> SA
         threshold_start_step=threshold_start,
         threshold_beta=min(0.999, max(0.9, 1 - 5 / max(1, total_steps - threshold_start))),
         dead_tokens=min(10_000_000, max(cfg.batch_size, cfg.tokens // 20)),
+        merge_every=max(1, total_steps // 10) if cfg.l1 else 0,
     )
 
 

@@ -42,6 +42,8 @@ class SAETrainConfig:
     decay_start: int | None = None        # None: constant learning rate after warm-up
     auxk_alpha: float = 1 / 32
     l1: float = 0.0                       # L1 on the codes, × target_rms per unit of code; 0 is the reference objective
+    merge_every: int = 0                  # fold latents with the same decoder direction every this many steps (0: never)
+    merge_cosine: float = 0.99            # decoder cosine at which two latents are one direction
     dead_tokens: int = 10_000_000         # a latent silent for this many tokens is dead (aux-k revives it)
     threshold_start_step: int = 1000
     threshold_beta: float = 0.999
@@ -183,12 +185,54 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         W_dec_rows /= W_dec_rows.norm(dim=1, keepdim=True) + torch.finfo(W_dec_rows.dtype).eps
         self.step_count += 1
+        if cfg.merge_every and self.step_count % cfg.merge_every == 0 and self.step_count < (cfg.steps or math.inf):
+            self.merge_duplicates()
 
         fve = 1 - err.var(0, correction=0).sum() / x.var(0, correction=0).sum()
         l0 = (v > 0).sum() / n_tokens
         loss = mse + cfg.auxk_alpha * auxk + l1_weight * v.sum()
         values = torch.stack([loss, mse, auxk, fve, l0.float()]).tolist()
         return dict(zip(("loss", "mse", "auxk", "fve", "l0"), values))
+
+    @torch.no_grad()
+    def merge_duplicates(self) -> int:
+        """Fold each group of live latents whose decoder directions agree to `merge_cosine` into its first
+        latent and free the rest; returns how many were freed.
+
+        Latents that share a direction fire together, so one latent whose encoder row and bias are their
+        sums gives the same reconstruction wherever they all fire. The freed latents restart from random
+        unit directions with their optimiser state cleared and count as dead, so aux-k puts them to use.
+        With the L1 tie-break the duplicates do not come back: a second latent along a direction already
+        reconstructed lowers no error and costs L1."""
+        sae, cfg = self.sae, self.config
+        rows, W_enc, b_enc = self.decoder_rows, sae.encoder.weight, sae.encoder.bias
+        live = (self.tokens_since_fired < cfg.dead_tokens).nonzero().squeeze(1)
+        freed = torch.zeros(sae.dict_size, dtype=torch.bool, device=rows.device)
+        for start in range(0, live.numel(), 1024):
+            block = live[start:start + 1024]
+            cosine = rows[block] @ rows[live].T  # [block, live]
+            for i, latent in enumerate(block.tolist()):
+                if freed[latent]:
+                    continue
+                same = live[(cosine[i] >= cfg.merge_cosine) & ~freed[live]]
+                same = same[same > latent]
+                if same.numel():
+                    W_enc[latent] += W_enc[same].sum(0)
+                    b_enc[latent] += b_enc[same].sum()
+                    freed[same] = True
+        gone = freed.nonzero().squeeze(1)
+        if gone.numel():
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed + self.step_count)
+            fresh = torch.randn(gone.numel(), sae.activation_dim, generator=generator).to(rows)
+            rows[gone] = fresh / fresh.norm(dim=1, keepdim=True)
+            W_enc[gone] = rows[gone]
+            b_enc[gone] = 0
+            for param in self.params[:3]:  # encoder weight and bias, decoder rows: latent-major
+                for moment in self.optimizer.state[param].values():
+                    if moment.dim() and moment.shape[0] == sae.dict_size:
+                        moment[gone] = 0
+            self.tokens_since_fired[gone] = cfg.dead_tokens
+        return int(gone.numel())
 
     def _update_threshold(self, v: torch.Tensor) -> None:
         """EMA of the smallest positive code of the batch: the per-token cut used at inference."""

@@ -77,10 +77,12 @@ def test_recovers_planted_directions(trained):
     assert torch.allclose(W.norm(dim=0), torch.ones(W.shape[1]), atol=1e-5)
 
 
-def test_sparse_gradients_match_autograd_of_reference_loss():
-    """The hand-written step equals autograd through dictionary_learning's dense loss (MSE + aux-k)."""
+@pytest.mark.parametrize("l1", [0.0, 0.05])
+def test_sparse_gradients_match_autograd_of_reference_loss(l1):
+    """The hand-written step equals autograd through dictionary_learning's dense loss (MSE + aux-k), plus
+    the L1 tie-break on the codes when it is on."""
     torch.manual_seed(0)
-    trainer = SAETrainer(16, SAETrainConfig(k=3, dict_size=64, warmup_steps=0, lr=1e-3, dead_tokens=10**9))
+    trainer = SAETrainer(16, SAETrainConfig(k=3, dict_size=64, warmup_steps=0, lr=1e-3, dead_tokens=10**9, l1=l1))
     trainer.step(torch.randn(48, 16) * 3)
     trainer.tokens_since_fired[:20] = 10**9  # these are dead unless they fire on the next batch
     ae = copy.deepcopy(trainer.sae)
@@ -97,7 +99,7 @@ def test_sparse_gradients_match_autograd_of_reference_loss():
     aux_codes = torch.zeros_like(acts).scatter(1, aux_top.indices, aux_top.values)
     e = err.detach()
     auxk = (e - ae.decoder(aux_codes)).pow(2).sum(1).mean() / (e - e.mean(0)).pow(2).sum(1).mean()
-    (err.pow(2).sum(1).mean() + auxk / 32).backward()
+    (err.pow(2).sum(1).mean() + auxk / 32 + l1 * float(ae.target_rms) * f.sum() / 48).backward()
     unit = ae.decoder.weight / (ae.decoder.weight.norm(dim=0, keepdim=True) + 1e-6)
     ae.decoder.weight.grad -= (ae.decoder.weight.grad * unit).sum(0, keepdim=True) * unit
 
@@ -125,6 +127,28 @@ def test_sparse_gradients_match_autograd_of_reference_loss():
     }
     for name, ref in ae.named_parameters():
         torch.testing.assert_close(ours[name], ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_merging_folds_latents_of_one_direction_into_one():
+    """Three latents along one decoder direction become one whose code is their sum: the same
+    reconstruction from one latent, and the other two freed (new directions, counted dead)."""
+    torch.manual_seed(0)
+    trainer = SAETrainer(16, SAETrainConfig(k=64, dict_size=64, dead_tokens=10**9, merge_cosine=0.99))
+    sae = trainer.sae
+    with torch.no_grad():
+        trainer.decoder_rows[[1, 2]] = trainer.decoder_rows[0].clone()
+        sae.encoder.weight[1] = 0.5 * sae.encoder.weight[0]
+        sae.encoder.weight[2] = 2.0 * sae.encoder.weight[0]
+        sae.encoder.bias[:3] = torch.tensor([0.1, 0.2, 0.3])
+    x = torch.randn(32, 16)
+    x = x[sae.pre_activations(x)[:, 0] > 0]  # where the three fire
+    before = sae.decode(sae.encode(x, use_threshold=False))
+    assert trainer.merge_duplicates() == 2
+    codes = sae.encode(x, use_threshold=False)
+    codes[:, [1, 2]] = 0
+    torch.testing.assert_close(sae.decode(codes), before, rtol=1e-5, atol=1e-5)
+    assert (trainer.decoder_rows[[1, 2]] @ trainer.decoder_rows[0]).abs().max() < 0.99
+    assert trainer.n_dead == 2 and trainer.merge_duplicates() == 0
 
 
 def test_auxk_revives_dead_latents():
