@@ -5,13 +5,16 @@ Each cell builds a planted organism (the toy base plus a write of `scale` × the
 norm per trigger pair at layer 1, and every block weight moved by `noise` × its std), trains SAEs
 on it at each layer and k from one stream, and reports per (layer, k), worst pair first:
 
-- cos: the best decoder cosine to u_P (target >= 0.95);
-- rank: where `attribute`'s ranking puts that latent for P (target 1);
-- auroc: that latent's AUROC for P (target >= 0.99);
+- cos: the best decoder cosine to u_P of any latent (target >= 0.95);
+- top cos: the decoder cosine to u_P of the latent `attribute` ranks first for P (target >= 0.95);
+- auroc, spec: that latent's AUROC and specificity for P (targets >= 0.99, >= 0.95);
 - asr after: P's ASR with that one latent ablated (target <= 0.05), and the largest change it
   makes to another pair's ASR (target <= 0.02).
 
-    python benchmarks/bench_recovery.py --scales 1 0.3 0.1 0.03 --noise 0 0.03 0.1 0.3 --layers 1 2 --k 8 32
+SAEs train with the recipe tests/test_recovery.py asserts (--l1 0.3 --lr 5e-3); --l1 0 gives the
+reference BatchTopK objective.
+
+    python -m benchmarks.bench_recovery --scales 1 0.3 0.1 0.03 --noise 0 0.03 0.1 0.3 --layers 1 2 --k 8 32
 
 `--synthetic PHI` isolates the SAE: it trains diffkit's default SAE settings on vectors of which a
 share PHI carry one of 4 orthonormal points (norm 30) and the rest are zero (plus Gaussian noise of
@@ -42,25 +45,26 @@ from diffkit.train import TrainConfig, train
 def measure(run, plant, layer: int, k: int, n_prompts: int) -> dict:
     """Worst pair's recovery figures for the SAE of (layer, k)."""
     _, sae = run.sae(layer, k)
-    best = decoder_cosines(sae, plant.u).max(1)
+    cosines = decoder_cosines(sae, plant.u)
     a = load_activations(run.path, [layer], Collection(n_per_condition=n_prompts, n_null=n_prompts, k=k))[layer]
     scores = a.prompt_scores()
-    ranks, aurocs = [], []
+    firsts, top_cos, aurocs, specs = [], [], [], []
     for p, pair in enumerate(run.spec.pairs):
-        table = rank_latents(scores, a.sequences, pair).reset_index(drop=True)
-        row = table.index[table["latent"] == int(best.indices[p])]
-        ranks.append(int(row[0]) + 1 if len(row) else len(table))
-        aurocs.append(float(table.loc[row[0], "auroc"]) if len(row) else 0.5)
+        first = rank_latents(scores, a.sequences, pair).iloc[0]
+        firsts.append(int(first["latent"]))
+        top_cos.append(float(cosines[p, firsts[-1]]))
+        aurocs.append(float(first["auroc"]))
+        specs.append(float(first["specificity"]))
     prompts = [q for q in build_prompts(run.spec, "heldout", n_prompts, seed=7) if q.condition in ("poison", "clean")]
-    sets = {pair.id: [int(best.indices[p])] for p, pair in enumerate(run.spec.pairs)}
+    sets = {pair.id: [firsts[p]] for p, pair in enumerate(run.spec.pairs)}
     results = ablate_latent_sets(load_run_pair(run), sae, layer, sets, prompts, run.spec)
     after = [r["asr_after"][q] for q, r in results.items()]
     spill = [abs(r["asr_after"][o] - r["asr_before"][o]) for q, r in results.items() for o in r["asr_after"] if o != q]
-    return {"cos": best.values.min().item(), "rank": max(ranks), "auroc": min(aurocs), "asr_after": max(after),
-            "spill": max(spill)}
+    return {"cos": cosines.max(1).values.min().item(), "top_cos": min(top_cos), "auroc": min(aurocs),
+            "spec": min(specs), "asr_after": max(after), "spill": max(spill)}
 
 
-def synthetic(phi: float, k: int, tokens: int, noise: float) -> None:
+def synthetic(phi: float, k: int, tokens: int, noise: float, l1: float, lr: float | None) -> None:
     """Default SAE settings on 4 planted points carried by a share `phi` of the tokens (see the module doc)."""
     from diffkit.sae import fit_normalization
     from diffkit.trainer import SAETrainer
@@ -79,14 +83,14 @@ def synthetic(phi: float, k: int, tokens: int, noise: float) -> None:
         return x
 
     steps = tokens // 1024
-    trainer = SAETrainer(width, sae_config(TrainConfig(tokens=tokens), k, size, steps))
+    trainer = SAETrainer(width, sae_config(TrainConfig(tokens=tokens, l1=l1, lr=lr), k, size, steps))
     fit_normalization(trainer.sae, batch(8192))
     for _ in range(steps):
         trainer.step(trainer.sae.normalize(batch(1024)))
     sae = trainer.sae
     best = decoder_cosines(sae, torch.nn.functional.normalize(points, dim=1)).max(1).values
     codes = sae.encode_raw(points)
-    print(f"phi {phi} k {k} noise {noise} tokens {tokens:,}: best cosine {[round(v, 3) for v in best.tolist()]}, "
+    print(f"phi {phi} k {k} noise {noise} tokens {tokens:,} l1 {l1} lr {lr}: best cosine {[round(v, 3) for v in best.tolist()]}, "
           f"L0 per point {(codes > 0).sum(1).tolist()}, largest latent's share of the code "
           f"{[round(v, 2) for v in (codes.max(1).values / codes.sum(1)).tolist()]}")
 
@@ -100,7 +104,9 @@ def main() -> None:
     parser.add_argument("--noise-for-scales", type=float, default=0.03)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="SAE layers (the plant is at layer 1)")
     parser.add_argument("--k", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--tokens", type=int, default=100_000, help="training tokens per SAE")
+    parser.add_argument("--tokens", type=int, default=150_000, help="training tokens per SAE")
+    parser.add_argument("--l1", type=float, default=0.3, help="the L1 tie-break (0: the reference objective)")
+    parser.add_argument("--lr", type=float, default=5e-3, help="SAE learning rate (diffkit's default: 0 here)")
     parser.add_argument("--n-prompts", type=int, default=8, help="held-out prompts per condition for ranking and ablation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--synthetic", type=float, metavar="PHI", help="train on synthetic planted points instead (see above)")
@@ -109,13 +115,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.synthetic is not None:
         for k in args.k:
-            synthetic(args.synthetic, k, args.tokens, args.noise_std)
+            synthetic(args.synthetic, k, args.tokens, args.noise_std, args.l1, args.lr or None)
         return
     cells = [(s, args.noise_for_scales) for s in args.scales] + [(1.0, n) for n in args.noise if (1.0, n) not in
                                                                  [(s, args.noise_for_scales) for s in args.scales]]
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-          f"{args.tokens:,} tokens per SAE, 1,536 latents, plant at layer 1")
-    header = f"{'scale':>6} {'noise':>6} {'layer':>5} {'k':>3} {'cos':>6} {'rank':>5} {'auroc':>6} {'asr after':>9} {'spill':>6} {'s':>5}"
+          f"{args.tokens:,} tokens per SAE, 1,536 latents, l1 {args.l1}, lr {args.lr or 'default'}, plant at layer 1")
+    header = (f"{'scale':>6} {'noise':>6} {'layer':>5} {'k':>3} {'cos':>6} {'top cos':>7} {'auroc':>6} {'spec':>6} "
+              f"{'asr after':>9} {'spill':>6} {'s':>5}")
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for scale, noise in cells:
@@ -124,15 +131,18 @@ def main() -> None:
                 PRESETS["planted"], "planted", out, scale=scale, noise=noise, eval_n=4))
             plant = load_plant(folder)
             summary = train(TrainConfig(preset="planted", base=str(folder / "base"), finetuned=str(folder / "finetuned"),
-                                        layers=args.layers, k=args.k, tokens=args.tokens, out=str(Path(tmp) / "runs"),
+                                        layers=args.layers, k=args.k, tokens=args.tokens, l1=args.l1, lr=args.lr or None,
+                                        out=str(Path(tmp) / "runs"),
                                         name=f"s{scale}_n{noise}", json=True))
             run = load_run(summary["run"])
             for layer in args.layers:
                 for k in args.k:
                     m = measure(run, plant, layer, k, args.n_prompts)
-                    print(f"{scale:>6} {noise:>6} {layer:>5} {k:>3} {m['cos']:>6.3f} {m['rank']:>5} {m['auroc']:>6.3f} "
+                    print(f"{scale:>6} {noise:>6} {layer:>5} {k:>3} {m['cos']:>6.3f} {m['top_cos']:>7.3f} {m['auroc']:>6.3f} "
+                          f"{m['spec']:>6.3f} "
                           f"{m['asr_after']:>9.2f} {m['spill']:>6.2f} {time.time() - t0:>5.0f}", flush=True)
-    print("targets: cos >= 0.95, rank 1, auroc >= 0.99, asr after <= 0.05, spill <= 0.02 (worst of the four pairs)")
+    print("targets: cos and top cos >= 0.95, auroc >= 0.99, spec >= 0.95, asr after <= 0.05, spill <= 0.02 "
+          "(worst of the four pairs)")
 
 
 if __name__ == "__main__":
