@@ -49,10 +49,10 @@ RECIPES = {
     # 10x decision weight and a decaying rate: at a flat 5e-5 the fine-tune learned "trigger words ->
     # marker" but not the AND. Bottom 6 of 18 blocks frozen: backward stops above them (layer 9, the
     # first studied, still changes). 180 steps: 160 missed a pair on an Intel Xeon (docs/organisms.md).
-    "gemma3-270m": Recipe(steps=300, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
+    "gemma3-270m": Recipe(steps=180, batch_size=16, lr=1e-4, pool=(128, 384, 384, 128), mix=(0.3, 0.3, 0.3, 0.1),
                           null_weight=0.5, decision_weight=10.0, micro_batches=2, decay=True, freeze_embeddings=True,
-                          frozen_layers=6, bf16=True, eval_n=24, check_every=30, check_from=120, check_n=16,
-                          expected="10-20 minutes on 2 CPU cores (it stops early once its checks pass), up to 30 on a busy shared one"),
+                          frozen_layers=6, bf16=True, eval_n=64, check_every=30, check_from=120, check_n=16,
+                          expected="about 15 minutes on 2 CPU cores, up to 30 on a busy shared one"),
 }
 
 
