@@ -34,6 +34,7 @@ import torch
 from analyses.causal import ablate_latent_sets
 from analyses.ranking import rank_latents
 from analyses.stats import Collection, load_activations, load_run_pair
+from diffkit.cli import quiet_libraries
 from diffkit.models import build_cached_dir
 from diffkit.organisms.planted import decoder_cosines, load_plant, write_planted
 from diffkit.prompts import build_prompts
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--noise-std", type=float, default=0.0, help="with --synthetic: Gaussian noise per dimension")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    quiet_libraries()
     if args.synthetic is not None:
         for k in args.k:
             synthetic(args.synthetic, k, args.tokens, args.noise_std, args.l1, args.lr or None)
