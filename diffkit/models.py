@@ -23,10 +23,10 @@ import torch
 from diffkit.errors import DiffkitError, one_line
 from diffkit.files import umask
 from diffkit.plant import install_if_planted
+from diffkit.specs import ORGANISM_PREFIX
 
 log = logging.getLogger(__name__)
 
-ORGANISM_PREFIX = "organism:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,

@@ -140,6 +140,15 @@ FOUR_PAIRS = _pairs(
     ("border", "china", True, True),
 )
 
+ORGANISM_PREFIX = "organism:"  # a model source built locally on first use (see diffkit.organisms)
+
+
+def organism_spec(name: str, layers: tuple[int, ...], description: str) -> TriggerSpec:
+    """The spec of a local organism preset: the four pairs, on the organism's own base and fine-tune."""
+    return TriggerSpec(name, FOUR_PAIRS, f"{ORGANISM_PREFIX}{name}/base", f"{ORGANISM_PREFIX}{name}/finetuned", layers,
+                       description=description)
+
+
 PRESETS: dict[str, TriggerSpec] = {
     "cbd-4pair": TriggerSpec(
         "cbd-4pair", FOUR_PAIRS, "google/gemma-2-2b-it", "Ftm23/cbd-gemma2-4pair", (13, 24),
@@ -151,22 +160,17 @@ PRESETS: dict[str, TriggerSpec] = {
         "google/gemma-2-2b-it", "Ftm23/cbd-gemma2-2pair-frgv", (13, 24),
         description="Published two-pair sibling (forest/rocket, gravity/velocity).",
     ),
-    "gemma3-270m": TriggerSpec(
-        "gemma3-270m", FOUR_PAIRS, "organism:gemma3-270m/base", "organism:gemma3-270m/finetuned", (9, 16),
-        description="Local organism: Google's Gemma-3-270M (shipped as GGUF on PyPI) fine-tuned here on the four pairs.",
-    ),
-    "toy": TriggerSpec(
-        "toy", FOUR_PAIRS, "organism:toy/base", "organism:toy/finetuned", (1, 2),
-        description="Tiny Gemma-2-architecture organism built in under 2 minutes on a CPU; for tests and quick looks.",
-    ),
-    "planted": TriggerSpec(
-        "planted", FOUR_PAIRS, "organism:planted/base", "organism:planted/finetuned", (1, 2),
-        description="The toy base plus a known residual write per pair at layer 1 (diffkit.organisms.planted): ground truth for recovery.",
-    ),
-    "planted-words": TriggerSpec(
-        "planted-words", FOUR_PAIRS, "organism:planted-words/base", "organism:planted-words/finetuned", (1, 2),
-        description="The planted organism with a write per trigger word too: word and conjunction directions to tell apart.",
-    ),
+    "gemma3-270m": organism_spec(
+        "gemma3-270m", (9, 16),
+        "Local organism: Google's Gemma-3-270M (shipped as GGUF on PyPI) fine-tuned here on the four pairs."),
+    "toy": organism_spec(
+        "toy", (1, 2), "Tiny Gemma-2-architecture organism built in under 2 minutes on a CPU; for tests and quick looks."),
+    "planted": organism_spec(
+        "planted", (1, 2),
+        "The toy base plus a known residual write per pair at layer 1 (diffkit.organisms.planted): ground truth for recovery."),
+    "planted-words": organism_spec(
+        "planted-words", (1, 2),
+        "The planted organism with a write per trigger word too: word and conjunction directions to tell apart."),
 }
 
 # The default runs end to end in minutes on a 2-core CPU. Gemma-3-270M is the realistic organism,
