@@ -303,6 +303,14 @@ def test_fine_tune_ends_on_its_best_validation_check(toy_organism):
     assert torch.equal(model.get_parameter("model.norm.weight"), seen[2])  # ... and were put back
 
 
+def test_best_check_is_chosen_by_its_exact_margin_not_the_rounded_one(toy_organism):
+    """history keeps margins to 4 decimals; -0.043749 shows as -0.0437, above itself: the choice must
+    still fall on a check, or the build would keep its last raw weights."""
+    checker, _, model, seen = _checked_fine_tune(toy_organism, [-0.043749, -0.043749, -0.2], steps=6, every=2)
+    assert checker.best_step == 4
+    assert torch.equal(model.get_parameter("model.norm.weight"), seen[1])
+
+
 def test_fine_tune_stops_once_a_check_clears_the_targets_with_margin(toy_organism):
     checker, curve, model, seen = _checked_fine_tune(toy_organism, [0.0, 0.04], steps=8, every=2)
     assert len(curve) == 4 and checker.best_step == 4 and len(seen) == 2

@@ -55,6 +55,7 @@ class BestCheckpoint:
     margin: float = STOP_MARGIN
     history: list[dict] = field(default_factory=list)
     best_step: int | None = None
+    best_margin: float = float("-inf")
     _best: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def check(self, step: int, model: torch.nn.Module) -> bool:
@@ -66,9 +67,8 @@ class BestCheckpoint:
         margin = worst_margin(result)
         self.history.append({"step": step, "worst_margin": round(margin, 4), "asr": result["asr"],
                              "false_trigger": result["false_trigger"]})
-        best = max(h["worst_margin"] for h in self.history)
-        if margin >= best:
-            self.best_step = step
+        if margin >= self.best_margin:  # the exact margin: the rounded one in history can sit just above it
+            self.best_step, self.best_margin = step, margin
             self._best = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         return margin >= self.margin
 
