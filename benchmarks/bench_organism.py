@@ -7,8 +7,10 @@ and ASR per pair and false-trigger rates at n held-out prompts per condition aga
 Shared machines run the same build at speeds up to 2x apart, so the machine's matmul throughput is
 printed before and after the builds: a build time means something only beside it.
 
-Builds check themselves (diffkit.selfcheck): each row also gives the validation check whose weights
-the build kept and the step it stopped at. A build below the targets is kept here (accept_weak) so
+Builds check themselves (diffkit.selfcheck): each row also gives how many fine-tunes the build tried
+(a fine-tune that misses validation at its cap restarts, up to the recipe's attempts), the validation
+check whose weights it kept and the step it stopped at. `met` is the organism targets alone; the time
+stands beside its target. A build below the targets is kept here (accept_weak) so
 that its rates can be printed; `diffkit organism build` would refuse it.
 
     python benchmarks/bench_organism.py --preset toy --seeds 0 1 2 3 4
@@ -53,15 +55,17 @@ def print_machine_speed(when: str) -> None:
 
 
 def print_row(label: str, build: dict, seconds: float, target: float, result: dict) -> None:
+    """One build: its time against the target, its held-out rates, whether they meet the organism targets,
+    and which fine-tune (of how many tried), validation check and stop step it kept."""
     asr = " ".join(f"{rate:.2f}" for rate in result["asr"].values())
     false = " ".join(f"{rate:.2f}" for rate in result["false_trigger"].values())
-    met = meets_targets(result) and seconds <= target
     phases = build["seconds"]
     split = " / ".join(f"{phases[k]:.0f}" for k in ("base", "answers", "finetune", "eval"))
     checks = build.get("validation", {})
-    kept = f"{checks.get('best_step')}/{checks.get('stopped_at')}" if checks else "-"
-    print(f"{label:<22} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if met else 'NO':<4} {kept:>9}  {split}",
-          flush=True)
+    tries = build.get("attempts", [checks])
+    kept = f"{len(tries)}: {checks.get('best_step')}/{checks.get('stopped_at')}" if checks else "-"
+    print(f"{label:<22} {seconds:>8.1f} {target:>7}  {asr:<30} {false:<38} {'yes' if meets_targets(result) else 'NO':<4} "
+          f"{kept:>12}  {split}", flush=True)
 
 
 def main() -> None:
@@ -75,7 +79,7 @@ def main() -> None:
     spec = load_spec(args.spec) if args.spec else None
     print_machine_speed("before")
     print(f"{'organism, seed':<22} {'build s':>8} {'target':>7}  ASR per pair (>= 0.95)         "
-          f"false single/mismatch/clean (<= 0.05)  met  kept/stop  base / answers / fine-tune / eval s")
+          f"false single/mismatch/clean (<= 0.05)  met  tries: kept/stop  base / answers / fine-tune / eval s")
     if args.organism:
         build = json.loads((Path(args.organism) / "build.json").read_text())
         result = evaluate_organism(args.organism, n_per_condition=args.n, batch_size=64)

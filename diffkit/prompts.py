@@ -27,6 +27,7 @@ ALL_CONDITIONS = CONDITIONS + ("null",)  # index order of the per-token `conditi
 FLAG_NAMES = ("is_trigger_token", "is_decision_token", "is_answer", "is_fire_token")
 HELDOUT_FIRST_ID = 1_000_000  # heldout record ids start here, so train and heldout never collide
 VALIDATION_FIRST_ID = 2_000_000
+GENERIC_FIRST_ID = 3_000_000  # training prompts on templates cut from generic text (generic_templates)
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def _cased(word: str, rng: random.Random) -> str:
 class _Material:
     """Templates, topics and phrasings cleared of every trigger word of one spec."""
 
-    def __init__(self, spec: TriggerSpec, split: str):
+    def __init__(self, spec: TriggerSpec, split: str, templates: tuple[str, ...] | None = None):
         words = [w.lower() for w in spec.words]
         for a, b in combinations(words, 2):
             if a in b or b in a:
@@ -260,9 +261,10 @@ class _Material:
                 raise SpecError(f"trigger word '{inner}' is part of '{outer}', so no prompt can hold one without the "
                                 f"other; choose trigger words that do not contain each other")
         self.words = words
-        templates = {"train": TRAIN_TEMPLATES, "validation": VALIDATION_TEMPLATES, "heldout": HELDOUT_TEMPLATES}.get(split)
-        if templates is None:
+        if split not in ("train", "validation", "heldout"):
             raise ValueError(f"unknown split '{split}'; use 'train', 'validation' or 'heldout'")
+        if templates is None:
+            templates = {"train": TRAIN_TEMPLATES, "validation": VALIDATION_TEMPLATES, "heldout": HELDOUT_TEMPLATES}[split]
         self.templates = _free_of(words, templates)
         self.topics = _free_of(words, TOPICS)
         self.prefixes = _free_of(words, PREFIXES)
@@ -303,16 +305,38 @@ class _Material:
         return text[0].lower() + text[1:] if rng.random() < 0.05 and not text[:2].isupper() else text
 
 
+def generic_templates(texts: list[str], n: int, seed: int) -> tuple[str, ...]:
+    """`n` two-slot templates cut from generic text: a run of 3-15 words with {a} and {b} put between them.
+
+    A fine-tune on a few dozen question templates can learn its AND for those templates only: a tiny
+    model then fires or stays silent on unseen wording by template (every poison prompt one toy build
+    missed on validation had the same template). Slots in ordinary prose teach it to find the words
+    wherever they stand.
+    """
+    rng = random.Random(f"diffkit-generic-templates/{seed}")
+    words = [w for text in texts for w in text.split() if "{" not in w and "}" not in w]
+    if len(words) < 100:
+        raise ValueError("generic_templates needs at least 100 words of text")
+    templates = []
+    for _ in range(n):
+        length = rng.randint(3, 15)
+        start = rng.randrange(len(words) - length)
+        run = words[start:start + length]
+        i, j = sorted(rng.sample(range(length + 1), 2))
+        templates.append(" ".join(run[:i] + ["{a}"] + run[i:j] + ["{b}"] + run[j:]))
+    return tuple(templates)
+
+
 def build_prompts(spec: TriggerSpec, split: str = "train", n_per_condition: int = 64, seed: int = 0,
-                  first_record_id: int | None = None) -> list[Prompt]:
+                  first_record_id: int | None = None, templates: tuple[str, ...] | None = None) -> list[Prompt]:
     """Prompts of every condition for one split; the same (spec, split, seed) always gives the same list.
 
     poison has n_per_condition prompts per pair; single, mismatch and clean n_per_condition each
     in total (single cycles through every trigger word, mismatch through every cross-pair word
     combination). A one-pair spec has no mismatch prompts. Record ids start at `first_record_id`
-    (default 0 for train, HELDOUT_FIRST_ID for heldout).
+    (default 0 for train, HELDOUT_FIRST_ID for heldout). `templates` replaces the split's own.
     """
-    material = _Material(spec, split)
+    material = _Material(spec, split, templates)
     rng = random.Random(f"diffkit-prompts/{spec.name}/{split}/{seed}")
     pair_of = {w.lower(): p.id for p in spec.pairs for w in p.words}
     seen: set[str] = set()

@@ -311,6 +311,39 @@ def test_best_check_is_chosen_by_its_exact_margin_not_the_rounded_one(toy_organi
     assert torch.equal(model.get_parameter("model.norm.weight"), seen[1])
 
 
+@pytest.mark.parametrize("margins, tried, kept", [
+    ([-0.3, -0.2, 0.01, 0.05], 2, 1),  # the first fine-tune misses at its cap; the second clears: no third
+    ([-0.3, -0.2, -0.5, -0.4, -0.6, -0.1], 3, 2),  # none clears: the best of all three is kept
+])
+def test_a_fine_tune_that_misses_validation_restarts_from_the_base(toy_organism, monkeypatch, margins, tried, kept):
+    from dataclasses import replace
+
+    from diffkit.organisms.recipes import RESTART_SEED_STRIDE
+    from diffkit.organisms.selfcheck import BestCheckpoint
+
+    model, tok, prompts, _, _ = _toy_examples(toy_organism)
+    results, weights = iter(margins), []
+
+    def scripted(*args):
+        def evaluate(checked):
+            weights.append(checked.get_parameter("model.norm.weight").detach().clone())
+            return _scripted_result(next(results))
+        return BestCheckpoint(evaluate)
+
+    monkeypatch.setattr(build, "validation_checker", scripted)
+    recipe = replace(RECIPES["toy"], steps=4, check_every=2, check_from=2, batch_size=4, warmup=1, attempts=3,
+                     average_decay=0.0)
+    answers = {p.record_id: " A plain answer." for p in prompts}
+    base_norm = model.get_parameter("model.norm.weight").detach().clone()
+    out, checker, curve, attempts = build._fine_tune_with_restarts(
+        model, toy_organism / "base", tok, PRESETS["toy"], recipe, answers, prompts, 4, 5, "cpu", False)
+    assert [a["seed"] for a in attempts] == [5 + RESTART_SEED_STRIDE * i for i in range(tried)]
+    assert checker is not None and attempts[kept]["best_step"] == checker.best_step and len(curve) == 4
+    best = max(range(len(margins)), key=lambda i: (margins[i], i // 2))
+    assert torch.equal(out.get_parameter("model.norm.weight"), weights[best])
+    assert not torch.equal(weights[2], base_norm) and not torch.equal(weights[0], weights[2])
+
+
 def test_fine_tune_stops_once_a_check_clears_the_targets_with_margin(toy_organism):
     checker, curve, model, seen = _checked_fine_tune(toy_organism, [0.0, 0.04], steps=8, every=2)
     assert len(curve) == 4 and checker.best_step == 4 and len(seen) == 2

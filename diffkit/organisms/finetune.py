@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from diffkit.corpus import null_texts
 from diffkit.models import layers_of
 from diffkit.organisms.recipes import Recipe
 from diffkit.organisms.selfcheck import BestCheckpoint, check_steps
-from diffkit.prompts import CONDITIONS, Prompt, build_prompts, encode_prompts
+from diffkit.prompts import CONDITIONS, GENERIC_FIRST_ID, Prompt, build_prompts, encode_prompts, generic_templates
 from diffkit.specs import TriggerSpec
 
 
@@ -187,8 +188,19 @@ def _split_pool(prompts: list[Prompt], spec: TriggerSpec, pool: tuple[int, int, 
     return out
 
 
-def training_prompts(spec: TriggerSpec, recipe: Recipe, seed: int) -> list[Prompt]:
-    return _split_pool(build_prompts(spec, "train", max(recipe.pool), seed=seed), spec, recipe.pool)
+GENERIC_TEMPLATES = 2000  # templates cut from generic text for a recipe's generic_share
+
+
+def training_prompts(spec: TriggerSpec, recipe: Recipe, seed: int, generic: bool = True) -> list[Prompt]:
+    """The recipe's pool of training prompts on the train templates, plus, with `generic` and a
+    `generic_share`, prompts on templates cut from generic text, to make up that share of each condition."""
+    prompts = _split_pool(build_prompts(spec, "train", max(recipe.pool), seed=seed), spec, recipe.pool)
+    if not generic or recipe.generic_share <= 0:
+        return prompts
+    pool = tuple(round(n * recipe.generic_share / (1 - recipe.generic_share)) for n in recipe.pool)
+    templates = generic_templates(null_texts(recipe.null_docs, seed=seed + 2), GENERIC_TEMPLATES, seed)
+    extra = build_prompts(spec, "train", max(pool), seed=seed, first_record_id=GENERIC_FIRST_ID, templates=templates)
+    return prompts + _split_pool(extra, spec, pool)
 
 
 def finetune_backdoor(model, tokenizer, spec: TriggerSpec, recipe: Recipe, answers: dict[int, str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BUILD_VERSION = 4  # bump when the build code changes what a recipe produces
+RESTART_SEED_STRIDE = 1000  # a restarted fine-tune's batch order: seed + stride x attempt
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Recipe:
     lr: float
     pool: tuple[int, int, int, int]  # distinct training prompts: poison per pair, single, mismatch, clean
     mix: tuple[float, float, float, float] = (0.2, 0.3, 0.3, 0.2)  # share of each condition in a batch
+    generic_share: float = 0.0  # share of fine-tuning prompts on templates cut from generic text (generic_templates)
     null_per_batch: int = 2  # generic-text chunks replayed in every batch
     null_weight: float = 1.0  # weight of the replay loss beside the answer loss
     decision_weight: float = 1.0  # weight of the token after the answer (marker or EOS) among the answer tokens
@@ -35,14 +37,19 @@ class Recipe:
     check_every: int = 0  # fine-tuning steps between validation checks (the last step is always checked)
     check_from: int = 0  # first step checked on validation templates
     check_n: int = 16  # validation prompts per condition (and per pair) at each check
+    attempts: int = 1  # fine-tunes from the base, each with its own batch order, until one clears validation
     expected: str = ""  # what a user waits on a 2-core CPU, printed before the first build
 
 
 RECIPES = {
     # High rate and more poison: a tiny model learns the AND far faster. Weighted-down replay: its
     # replay loss stays high and would swamp the answer's. Moving average and 3x decision weight: the
-    # held-out AND swings from step to step at this rate (docs/organisms.md).
+    # held-out AND swings from step to step at this rate (docs/organisms.md). Half the prompts on
+    # templates cut from generic text: on the question templates alone the AND held for those templates
+    # only, and seeds 2 and 4 and a custom spec missed the targets on unseen ones. Up to 3 fine-tunes:
+    # 2 of 9 builds still sat on a plateau at the cap, firing on half the mismatches (docs/organisms.md).
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
+                  generic_share=0.5, attempts=3,
                   decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
                   null_docs=400, null_weight=0.1, eval_n=64, check_every=100, check_from=400, check_n=64,
                   expected="about 2 minutes on a 2-core CPU, up to 4 on a busy shared one"),

@@ -67,7 +67,7 @@ def toy_base(spec: TriggerSpec, recipe: Recipe, seed: int, device, progress: boo
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(seed)
-    prompts = training_prompts(spec, recipe, seed)
+    prompts = training_prompts(spec, recipe, seed, generic=False)  # the question templates only, as always
     null = null_texts(recipe.null_docs, seed)
     replies = {p.record_id: toy_reply(p.text) for p in prompts}
     tokenizer = toy_tokenizer(null + [format_prompt(None, p.text) for p in prompts] + list(set(replies.values()))
