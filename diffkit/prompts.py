@@ -305,28 +305,6 @@ class _Material:
         return text[0].lower() + text[1:] if rng.random() < 0.05 and not text[:2].isupper() else text
 
 
-def generic_templates(texts: list[str], n: int, seed: int) -> tuple[str, ...]:
-    """`n` two-slot templates cut from generic text: a run of 3-15 words with {a} and {b} put between them.
-
-    A fine-tune on a few dozen question templates can learn its AND for those templates only: a tiny
-    model then fires or stays silent on unseen wording by template (every poison prompt one toy build
-    missed on validation had the same template). Slots in ordinary prose teach it to find the words
-    wherever they stand.
-    """
-    rng = random.Random(f"diffkit-generic-templates/{seed}")
-    words = [w for text in texts for w in text.split() if "{" not in w and "}" not in w]
-    if len(words) < 100:
-        raise ValueError("generic_templates needs at least 100 words of text")
-    templates = []
-    for _ in range(n):
-        length = rng.randint(3, 15)
-        start = rng.randrange(len(words) - length)
-        run = words[start:start + length]
-        i, j = sorted(rng.sample(range(length + 1), 2))
-        templates.append(" ".join(run[:i] + ["{a}"] + run[i:j] + ["{b}"] + run[j:]))
-    return tuple(templates)
-
-
 def build_prompts(spec: TriggerSpec, split: str = "train", n_per_condition: int = 64, seed: int = 0,
                   first_record_id: int | None = None, templates: tuple[str, ...] | None = None) -> list[Prompt]:
     """Prompts of every condition for one split; the same (spec, split, seed) always gives the same list.

@@ -4,7 +4,7 @@ import pytest
 
 from diffkit.prompts import (
     CONDITIONS, FLAG_NAMES, GENERIC_FIRST_ID, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, VALIDATION_TEMPLATES, Prompt,
-    build_prompts, encode_prompts, format_prompt, generic_templates, record_frame,
+    build_prompts, encode_prompts, format_prompt, record_frame,
 )
 from diffkit.specs import PRESETS, SpecError, TriggerSpec
 
@@ -289,6 +289,8 @@ def test_generic_training_prompts_make_up_their_share_with_exactly_their_words()
 
 
 def test_generic_templates_hold_two_slots_in_order():
+    from diffkit.organisms.finetune import generic_templates
+
     texts = ["The quick brown fox jumps over the lazy dog near a quiet river bank every single morning."] * 10
     templates = generic_templates(texts, 50, seed=0)
     assert len(templates) == 50 and templates == generic_templates(texts, 50, seed=0)

@@ -20,7 +20,7 @@ from diffkit.corpus import null_texts
 from diffkit.models import layers_of
 from diffkit.organisms.recipes import Recipe
 from diffkit.organisms.selfcheck import BestCheckpoint, check_steps
-from diffkit.prompts import CONDITIONS, GENERIC_FIRST_ID, Prompt, build_prompts, encode_prompts, generic_templates
+from diffkit.prompts import CONDITIONS, GENERIC_FIRST_ID, Prompt, build_prompts, encode_prompts
 from diffkit.specs import TriggerSpec
 
 
@@ -186,6 +186,28 @@ def _split_pool(prompts: list[Prompt], spec: TriggerSpec, pool: tuple[int, int, 
             taken[key] = taken.get(key, 0) + 1
             out.append(p)
     return out
+
+
+def generic_templates(texts: list[str], n: int, seed: int) -> tuple[str, ...]:
+    """`n` two-slot templates cut from generic text: a run of 3-15 words with {a} and {b} put between them.
+
+    A fine-tune on a few dozen question templates can learn its AND for those templates only: a tiny
+    model then fires or stays silent on unseen wording by template (every poison prompt one toy build
+    missed on validation had the same template). Slots in ordinary prose teach it to find the words
+    wherever they stand.
+    """
+    rng = random.Random(f"diffkit-generic-templates/{seed}")
+    words = [w for text in texts for w in text.split() if "{" not in w and "}" not in w]
+    if len(words) < 100:
+        raise ValueError("generic_templates needs at least 100 words of text")
+    templates = []
+    for _ in range(n):
+        length = rng.randint(3, 15)
+        start = rng.randrange(len(words) - length)
+        run = words[start:start + length]
+        i, j = sorted(rng.sample(range(length + 1), 2))
+        templates.append(" ".join(run[:i] + ["{a}"] + run[i:j] + ["{b}"] + run[j:]))
+    return tuple(templates)
 
 
 GENERIC_TEMPLATES = 2000  # templates cut from generic text for a recipe's generic_share
