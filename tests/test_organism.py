@@ -74,7 +74,8 @@ def test_the_default_toy_is_the_shipped_build(toy_organism):
     assert build["seed"] == 0 and build["machine"]["cpu"] and build["meets_targets"]
     assert meets_targets(build["eval"]) and min(build["eval"]["n"].values()) >= 64
     # made by today's recipe: `organism build --preset toy` remakes it (up to the CPU's floating-point order)
-    assert build["recipe"] == json.loads(json.dumps(asdict(RECIPES["toy"])))
+    made_by = {k: v for k, v in build["recipe"].items() if k != "expected"}  # a time estimate, not the recipe
+    assert made_by == json.loads(json.dumps({k: v for k, v in asdict(RECIPES["toy"]).items() if k != "expected"}))
     assert json.loads((toy_organism / "spec.json").read_text())["finetuned"] == "./finetuned"
 
 

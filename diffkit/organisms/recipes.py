@@ -52,7 +52,7 @@ RECIPES = {
                   generic_share=0.5, attempts=3,
                   decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
                   null_docs=400, null_weight=0.1, eval_n=64, check_every=100, check_from=400, check_n=64,
-                  expected="about 2 minutes on a 2-core CPU, up to 4 on a busy shared one"),
+                  expected="1-2 minutes on a 2-core CPU, up to 5 when its fine-tune restarts"),
     # 10x decision weight and a decaying rate: at a flat 5e-5 the fine-tune learned "trigger words ->
     # marker" but not the AND. Bottom 6 of 18 blocks frozen: backward stops above them (layer 9, the
     # first studied, still changes). 180 steps: 160 missed a pair on an Intel Xeon (docs/organisms.md).
