@@ -164,7 +164,8 @@ PRESETS: dict[str, TriggerSpec] = {
         "gemma3-270m", (9, 16),
         "Local organism: Google's Gemma-3-270M (shipped as GGUF on PyPI) fine-tuned here on the four pairs."),
     "toy": organism_spec(
-        "toy", (1, 2), "Tiny Gemma-2-architecture organism built in under 2 minutes on a CPU; for tests and quick looks."),
+        "toy", (1, 2),
+        "Tiny Gemma-2-architecture organism, shipped with diffkit (rebuilt in 1-5 minutes on a CPU); for tests and quick looks."),
     "planted": organism_spec(
         "planted", (1, 2),
         "The toy base plus a known residual write per pair at layer 1 (diffkit.organisms.planted): ground truth for recovery."),

@@ -58,14 +58,13 @@ def _fine_tune_with_restarts(model, base_dir: Path, tokenizer, spec: TriggerSpec
     its own batch order, until one clears the validation targets with margin; returns the best (model,
     checker, loss curve) and every attempt's checks.
 
-    How long a tiny model takes to learn the AND varies with the batch order: a toy fine-tune
-    sometimes still fires on most mismatches at its step cap (seed 3 at 0.78), where a fresh order
-    learns it in a few hundred steps. A restart is cheaper and steadier than a longer schedule,
-    which at the toy's rate sat on such a plateau for a thousand steps."""
+    How long a tiny model takes to learn the AND varies with the batch order: a toy fine-tune can
+    still fire on most mismatches at its step cap where a fresh order learns the AND in a few hundred
+    steps, and a longer schedule only sits on that plateau longer (docs/organisms.md)."""
     null = null_texts(recipe.null_docs, seed + 1)
     best, attempts = None, []
     for attempt in range(max(1, recipe.attempts)):
-        run_seed = seed + RESTART_SEED_STRIDE * attempt  # attempt 0 is the plain seed: one-attempt builds stay as they were
+        run_seed = seed + RESTART_SEED_STRIDE * attempt  # attempt 0 is the plain seed, as before restarts
         if attempt:
             model = load_model(base_dir, device=device)[0]
         model.requires_grad_(True)

@@ -192,9 +192,8 @@ def generic_templates(texts: list[str], n: int, seed: int) -> tuple[str, ...]:
     """`n` two-slot templates cut from generic text: a run of 3-15 words with {a} and {b} put between them.
 
     A fine-tune on a few dozen question templates can learn its AND for those templates only: a tiny
-    model then fires or stays silent on unseen wording by template (every poison prompt one toy build
-    missed on validation had the same template). Slots in ordinary prose teach it to find the words
-    wherever they stand.
+    model then fires or stays silent on unseen wording by template. Slots in ordinary prose teach it
+    to find the words wherever they stand.
     """
     rng = random.Random(f"diffkit-generic-templates/{seed}")
     words = [w for text in texts for w in text.split() if "{" not in w and "}" not in w]

@@ -44,10 +44,9 @@ class Recipe:
 RECIPES = {
     # High rate and more poison: a tiny model learns the AND far faster. Weighted-down replay: its
     # replay loss stays high and would swamp the answer's. Moving average and 3x decision weight: the
-    # held-out AND swings from step to step at this rate (docs/organisms.md). Half the prompts on
-    # templates cut from generic text: on the question templates alone the AND held for those templates
-    # only, and seeds 2 and 4 and a custom spec missed the targets on unseen ones. Up to 3 fine-tunes:
-    # 2 of 9 builds still sat on a plateau at the cap, firing on half the mismatches (docs/organisms.md).
+    # held-out AND swings from step to step at this rate. Half the prompts on templates cut from
+    # generic text, so the AND is learned for the words, not for the question templates. Up to 3
+    # fine-tunes: one can still sit on a plateau at its cap, firing on many mismatches (docs/organisms.md).
     "toy": Recipe(steps=1000, batch_size=64, lr=1e-2, pool=(1024, 4096, 4096, 2048), mix=(0.4, 0.2, 0.25, 0.15),
                   generic_share=0.5, attempts=3,
                   decision_weight=3.0, average_decay=0.99, decay=True, warmup=20, base_steps=150, base_lr=1e-2,
